@@ -1,0 +1,237 @@
+"""Finds every normalization site of a model and says what each pass would do with it.
+
+Fused ops: BatchNormalization, LayerNormalization, RMSNormalization, InstanceNormalization,
+GroupNormalization, and onnxruntime's SimplifiedLayerNormalization, SkipLayerNormalization and
+SkipSimplifiedLayerNormalization.
+
+Decomposed spellings, matched from the variance reduction backwards and the normalization forwards:
+    LayerNorm: d = x - ReduceMean(x);  v = ReduceMean(d^2)
+    RMSNorm:   d = x;                  v = ReduceMean(d^2)
+    then       y = d / Sqrt(v + eps)   or   d * Reciprocal(Sqrt(v + eps)),   optionally * gamma (+ beta)
+where d^2 is Pow(d, 2) or Mul(d, d), ReduceMean's axes come as an attribute or an input, both
+reductions use the same trailing axes with keepdims=1, and eps is a constant scalar; a Cast of x
+and of the result back (mixed-precision wrappers) are part of the site. Anything else that merely
+looks like a norm is not reported as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from normfold.constants import constant
+from normfold.report import node_label
+
+SCHEMA = "normfold.inspect/1"
+
+FUSED_KINDS = {
+    ("", "BatchNormalization"): "BatchNorm",
+    ("", "LayerNormalization"): "LayerNorm",
+    ("", "RMSNormalization"): "RMSNorm",
+    ("", "InstanceNormalization"): "InstanceNorm",
+    ("", "GroupNormalization"): "GroupNorm",
+    ("", "SimplifiedLayerNormalization"): "RMSNorm",
+    ("com.microsoft", "SimplifiedLayerNormalization"): "RMSNorm",
+    ("com.microsoft", "SkipLayerNormalization"): "LayerNorm",
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): "RMSNorm",
+}
+_DEFAULT_EPSILON = {"BatchNorm": 1e-5, "LayerNorm": 1e-5, "RMSNorm": None, "InstanceNorm": 1e-5, "GroupNorm": 1e-5}
+
+
+@dataclass
+class Site:
+    """One normalization: its kind, the nodes that spell it, and its parameters."""
+
+    kind: str
+    name: str
+    spelling: str
+    nodes: list[str]
+    axis: int | list[int] | None
+    epsilon: float | None
+    dtype: str | None
+    input: str
+    output: str
+    passes: dict[str, str] = field(default_factory=dict)
+
+
+def find_sites(model: ir.Model) -> list[Site]:
+    """Every normalization site of every graph, in graph order."""
+    sites = []
+    for graph in model.graphs():
+        covered: set[int] = set()
+        for node in graph:
+            site = _fused_site(node) or _decomposed_site(node, model, covered)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def inspect(model: ir.Model) -> list[dict]:
+    """Sites as dicts, each with, per pass that handles its kind, "applies" or the reason it does not."""
+    from normfold.pipeline import run_passes, snapshot
+    from normfold.passes import PASSES
+
+    sites = find_sites(model)
+    for cls in PASSES.values():
+        handled = [s for s in sites if s.kind in cls.handles]
+        if not handled:
+            continue
+        trial = snapshot(model)
+        report = run_passes(trial, [cls()])
+        reasons = {skip.node: skip.reason for skip in report.passes[0].skipped}
+        for site in handled:
+            site.passes[cls.name] = f"does not apply: {reasons[site.name]}" if site.name in reasons else "applies"
+    return [asdict(s) for s in sites]
+
+
+def _fused_site(node: ir.Node) -> Site | None:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    kind = FUSED_KINDS.get((domain, node.op_type))
+    if kind is None:
+        return None
+    default_axis = 1 if kind in ("BatchNorm", "InstanceNorm", "GroupNorm") else -1
+    x = node.inputs[0]
+    return Site(
+        kind=kind,
+        name=node_label(node),
+        spelling=node.op_type if not domain else f"{domain}.{node.op_type}",
+        nodes=[node_label(node)],
+        axis=node.attributes.get_int("axis", default_axis),
+        epsilon=_as_float32_text(node.attributes.get_float("epsilon", _DEFAULT_EPSILON[kind])),
+        dtype=_dtype(x) or _dtype(node.inputs[1] if len(node.inputs) > 1 else None),
+        input=x.name if x is not None else "",
+        output=node.outputs[0].name,
+    )
+
+
+def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site | None:
+    """Matches a decomposed LayerNorm/RMSNorm whose variance ReduceMean is `node`."""
+    if id(node) in covered or not _is_op(node, "ReduceMean"):
+        return None
+    square = node.inputs[0].producer() if node.inputs[0] is not None else None
+    d = _squared_operand(square, model)
+    axes = _reduce_axes(node, model)
+    if d is None or not _trailing(axes, d) or node.attributes.get_int("keepdims", 1) != 1:
+        return None
+    normalized, eps, tail = _normalize_tail(node, d, model)
+    if normalized is None:
+        return None
+    nodes = [square, node, *tail]
+    kind, x = "RMSNorm", d
+    centre = d.producer()
+    if _is_op(centre, "Sub") and _is_op(mean := centre.inputs[1].producer(), "ReduceMean"):
+        if mean.inputs[0] is centre.inputs[0] and _reduce_axes(mean, model) == axes and \
+                mean.attributes.get_int("keepdims", 1) == 1:
+            kind, x = "LayerNorm", centre.inputs[0]
+            nodes = [mean, centre, *nodes]
+    output, affine = _affine_tail(normalized, model)
+    nodes += affine
+    cast_in = x.producer()
+    if _is_op(cast_in, "Cast"):
+        nodes.insert(0, cast_in)
+        x = cast_in.inputs[0]
+    if len(output.uses()) == 1 and _is_op(cast_out := output.uses()[0][0], "Cast"):
+        nodes.append(cast_out)
+        output = cast_out.outputs[0]
+    covered.update(id(n) for n in nodes)
+    return Site(
+        kind=kind,
+        name=node_label(nodes[0]),
+        spelling="decomposed: " + " ".join(n.op_type for n in nodes),
+        nodes=[node_label(n) for n in nodes],
+        axis=axes[0] if len(axes) == 1 else axes,
+        epsilon=eps,
+        dtype=_dtype(x) or _dtype(normalized),
+        input=x.name,
+        output=output.name,
+    )
+
+
+def _squared_operand(square: ir.Node | None, model: ir.Model) -> ir.Value | None:
+    """d for Pow(d, 2) or Mul(d, d), else None."""
+    if _is_op(square, "Mul") and square.inputs[0] is square.inputs[1]:
+        return square.inputs[0]
+    if _is_op(square, "Pow"):
+        exponent = constant(square.inputs[1], model).array
+        if exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
+            return square.inputs[0]
+    return None
+
+
+def _normalize_tail(variance: ir.Node, d: ir.Value, model: ir.Model):
+    """Follows v -> Add(eps) -> Sqrt -> Div(d, .) or Mul(d, Reciprocal(.)); returns (y, eps, nodes)."""
+    add = _single_user(variance.outputs[0])
+    if not _is_op(add, "Add"):
+        return None, None, []
+    other = add.inputs[1] if add.inputs[0] is variance.outputs[0] else add.inputs[0]
+    eps = constant(other, model).array
+    sqrt = _single_user(add.outputs[0])
+    if eps is None or eps.size != 1 or not _is_op(sqrt, "Sqrt"):
+        return None, None, []
+    user = _single_user(sqrt.outputs[0])
+    if _is_op(user, "Div") and user.inputs[0] is d and user.inputs[1] is sqrt.outputs[0]:
+        return user.outputs[0], float(eps.reshape(-1)[0]), [add, sqrt, user]
+    if _is_op(user, "Reciprocal"):
+        mul = _single_user(user.outputs[0])
+        if _is_op(mul, "Mul") and d in mul.inputs:
+            return mul.outputs[0], float(eps.reshape(-1)[0]), [add, sqrt, user, mul]
+    return None, None, []
+
+
+def _affine_tail(normalized: ir.Value, model: ir.Model) -> tuple[ir.Value, list[ir.Node]]:
+    """Absorbs a following Mul by a constant gamma and Add of a constant beta."""
+    nodes, value = [], normalized
+    for op in ("Mul", "Add"):
+        user = _single_user(value)
+        if not _is_op(user, op):
+            break
+        other = user.inputs[1] if user.inputs[0] is value else user.inputs[0]
+        if constant(other, model).array is None:
+            break
+        nodes.append(user)
+        value = user.outputs[0]
+    return value, nodes
+
+
+def _reduce_axes(node: ir.Node, model: ir.Model) -> list[int] | None:
+    """ReduceMean's axes from the attribute (opset < 18) or the second input (opset >= 18)."""
+    attr = node.attributes.get_ints("axes", None)
+    if attr is not None:
+        return sorted(int(a) for a in attr)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = constant(node.inputs[1], model).array
+        return None if axes is None else sorted(int(a) for a in np.asarray(axes).reshape(-1))
+    return None  # reduces over all axes: not a per-token norm
+
+
+def _trailing(axes: list[int] | None, value: ir.Value) -> bool:
+    """True when `axes` are the last len(axes) axes of `value` (negative axes need no known rank)."""
+    if not axes:
+        return False
+    rank = len(value.shape) if value.shape is not None else None
+    if rank is not None:
+        normalized = sorted(a + rank if a < 0 else a for a in axes)
+        return normalized == list(range(rank - len(axes), rank))
+    return sorted(axes) == list(range(-len(axes), 0))
+
+
+def _single_user(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def _is_op(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _as_float32_text(eps: float | None) -> float | None:
+    """An epsilon attribute (stored as float32) as the decimal a user wrote: 1e-05, not 1.0000000656e-05."""
+    return None if eps is None else float(str(np.float32(eps)))
+
+
+def _dtype(value: ir.Value | None) -> str | None:
+    if value is None or value.dtype is None:
+        return None
+    return "bfloat16" if value.dtype == ir.DataType.BFLOAT16 else str(value.dtype.numpy())

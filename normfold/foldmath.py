@@ -1,0 +1,68 @@
+"""The folding arithmetic, written once, in float64; shared by the ONNX and torch.fx passes.
+
+Inference-mode BatchNorm is the per-channel affine map BN(y)_c = s_c * y_c + t_c with
+    s = gamma / sqrt(var + eps),    t = beta - s * mean.
+Folding it into a linear producer y = W x + b (BN after) gives W' = diag(s) W, b' = s * b + t.
+Folding it into a linear consumer z = W BN(x) + b (BN before) gives W' = W diag(s), b' = b + W t,
+where "W t" sums over every input channel and kernel tap, which is exact only if no tap ever reads
+padding (a padded tap would see 0 instead of t_c).
+
+Every function takes and returns float64 arrays; callers cast back to the model dtype once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """s = gamma / sqrt(var + eps), t = beta - s * mean (all float64)."""
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + np.float64(eps))
+    return scale, beta - scale * mean
+
+
+def scale_channels(weight: np.ndarray, scale: np.ndarray, *, axis: int, groups: int = 1) -> np.ndarray:
+    """W' = W with channel c along `axis` multiplied by scale[c].
+
+    With `groups` > 1 the channels are ConvTranspose's output channels and the weight has
+    ConvTranspose's layout (C_in, C_out/G, k...): input channel i belongs to group g = i // (C_in/G),
+    and W'[i, j, ...] = W[i, j, ...] * scale[g * C_out/G + j].
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    if groups == 1:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        return weight * scale.reshape(shape)
+    per_group = scale.reshape(groups, -1)
+    factors = np.repeat(per_group, weight.shape[0] // groups, axis=0)
+    return weight * factors.reshape(factors.shape + (1,) * (weight.ndim - 2))
+
+
+def scale_input_channels(weight: np.ndarray, scale: np.ndarray, *, groups: int = 1) -> np.ndarray:
+    """W' = W with input channel c multiplied by scale[c]; layout (C_out, C_in/G, k...).
+
+    Output channel o of group g = o // (C_out/G) reads input channel g * C_in/G + j at W[o, j].
+    """
+    return weight * _input_channel_factors(weight, scale, groups)
+
+
+def input_shift_bias(weight: np.ndarray, shift: np.ndarray, *, groups: int = 1) -> np.ndarray:
+    """b_delta[o] = sum over j, k of W[o, j, k] * shift[g(o) * C_in/G + j]: the bias a constant input shift adds."""
+    weight = np.asarray(weight, dtype=np.float64)
+    shifted = weight * _input_channel_factors(weight, shift, groups)
+    return shifted.reshape(weight.shape[0], -1).sum(axis=1)
+
+
+def _input_channel_factors(weight: np.ndarray, per_channel: np.ndarray, groups: int) -> np.ndarray:
+    weight = np.asarray(weight, dtype=np.float64)
+    per_group = per_channel.reshape(groups, -1)
+    factors = np.repeat(per_group, weight.shape[0] // groups, axis=0)
+    return factors.reshape(factors.shape + (1,) * (weight.ndim - 2))
+
+
+def affine_after_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """b' = s * b + t, the bias of a producer followed by the per-channel affine (s, t); b = 0 if absent."""
+    if bias is None:
+        return shift.copy()
+    return scale * np.asarray(bias, dtype=np.float64) + shift

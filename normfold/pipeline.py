@@ -1,0 +1,158 @@
+"""The pass manager: runs passes to a bounded fixed point, cleans up once, verifies, reports.
+
+`convert(model, passes)` rewrites the model in place:
+1. every pass runs in order; the sequence repeats while any pass changed the graph, at most
+   MAX_ITERATIONS times;
+2. nodes and initializers the passes orphaned are removed (ones that were unused before are kept:
+   normfold changes only what it rewrote);
+3. unless `verify=False`, the result is compared with the original on onnxruntime; a failure raises
+   VerificationError carrying the report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from normfold import io
+from normfold.constants import LEGACY_INPUT_INITIALIZERS_IR
+from normfold.errors import InputError, VerificationError
+from normfold.passes import PASSES
+from normfold.report import PassReport, Report, op_counts
+from normfold.rewrite import NormPass
+from normfold.verification import TOLERANCE_ORDER, verify as verify_models
+
+MAX_ITERATIONS = 8
+
+
+def resolve_passes(passes: Sequence[str | NormPass] | None, *, approximate: bool = False) -> list[NormPass]:
+    """Pass objects for names or instances; None means every exact pass."""
+    if passes is None:
+        return [cls() for cls in PASSES.values() if cls.exact]
+    resolved = []
+    for item in passes:
+        if isinstance(item, NormPass):
+            resolved.append(item)
+            continue
+        if item not in PASSES:
+            raise InputError(f"unknown pass {item!r}; known passes: {', '.join(PASSES)}")
+        resolved.append(PASSES[item]())
+    for p in resolved:
+        if not p.exact and not approximate:
+            raise InputError(f"pass {p.name!r} is approximate: ask for it explicitly with --approximate")
+    if not resolved:
+        raise InputError("no passes selected")
+    return resolved
+
+
+def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
+    """Runs `passes` to a bounded fixed point, then removes what they orphaned; returns the report."""
+    report = Report(passes=[PassReport(p.name) for p in passes], ops_before=op_counts(model))
+    unused_before = _unused(model)
+    for _ in range(MAX_ITERATIONS):
+        changed = False
+        for p, entry in zip(passes, report.passes):
+            start = time.perf_counter()
+            result = p(model)
+            entry.seconds += time.perf_counter() - start
+            entry.iterations += 1
+            entry.applied += p.applied_count
+            entry.skipped = list(p.skipped)
+            changed |= result.modified
+        if not changed:
+            break
+    remove_orphans(model, unused_before)
+    report.ops_after = op_counts(model)
+    return report
+
+
+def convert(
+    model: ir.Model | str | os.PathLike,
+    passes: Sequence[str | NormPass] | None = None,
+    *,
+    verify: bool = True,
+    approximate: bool = False,
+    **verify_options,
+) -> tuple[ir.Model, Report]:
+    """Rewrites `model` (in place if an ir.Model) and returns it with its report.
+
+    `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
+    Raises VerificationError, with `.report`, when the result is not equivalent.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    source = Path(model) if not isinstance(model, ir.Model) else None
+    if source is not None:
+        model = io.load(source)
+    timings["load"] = time.perf_counter() - start
+    selected = resolve_passes(passes, approximate=approximate)
+    reference = source if source is not None else (snapshot(model) if verify else None)
+
+    start = time.perf_counter()
+    report = run_passes(model, selected)
+    timings["passes"] = time.perf_counter() - start
+    report.input = str(source) if source is not None else None
+    if verify and report.applied:
+        start = time.perf_counter()
+        result = verify_models(reference, model, tolerance_class=_tolerance_class(selected, report), **verify_options)
+        timings["verify"] = time.perf_counter() - start
+        report.verification = result.to_dict()
+        report.timings = timings
+        if not result.passed:
+            error = VerificationError(
+                f"the converted model is not equivalent: max abs error {result.max_abs_error:.3g} "
+                f"(see the report for each output)"
+            )
+            error.report = report
+            raise error
+    report.timings = timings
+    if report.applied:
+        applied = ", ".join(f"{p.name} x{p.applied}" for p in report.passes if p.applied)
+        io.add_provenance(model, applied)
+    return model, report
+
+
+def _tolerance_class(passes: Sequence[NormPass], report: Report) -> str:
+    used = [p.tolerance_class for p, entry in zip(passes, report.passes) if entry.applied]
+    return max(used, key=TOLERANCE_ORDER.index, default=TOLERANCE_ORDER[0])
+
+
+def snapshot(model: ir.Model) -> ir.Model:
+    """An independent copy of the model to verify against (tensors are shared, never mutated by passes)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _unused(model: ir.Model) -> set[int]:
+    """Ids of the nodes and initializer values nothing reads (graph outputs count as read)."""
+    ids = set()
+    for graph in model.graphs():
+        ids.update(id(n) for n in graph if _is_dead(n))
+        ids.update(id(v) for v in graph.initializers.values() if not v.uses() and not v.is_graph_output())
+    return ids
+
+
+def _is_dead(node: ir.Node) -> bool:
+    return all(not out.uses() and not out.is_graph_output() for out in node.outputs)
+
+
+def remove_orphans(model: ir.Model, unused_before: set[int]) -> None:
+    """Removes nodes and initializers that nothing reads any more, except those already unused before.
+
+    At IR < 4 an orphaned initializer is also dropped from the graph inputs, where it was listed by rule.
+    """
+    for graph in model.graphs():
+        while dead := [n for n in graph if _is_dead(n) and id(n) not in unused_before]:
+            graph.remove(dead, safe=True)
+        for name, value in list(graph.initializers.items()):
+            if value.uses() or value.is_graph_output() or id(value) in unused_before:
+                continue
+            if value.is_graph_input():
+                if model.ir_version >= LEGACY_INPUT_INITIALIZERS_IR:
+                    continue
+                graph.inputs.remove(value)
+            graph.initializers.pop(name)
+

@@ -1,0 +1,94 @@
+"""The base class of normfold's passes and the small graph edits they share.
+
+A pass follows onnx-ir's `InPlacePass` contract (`PassResult(model, modified)`) and, in addition,
+records what it applied and every candidate it skipped with the reason, for the report.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from normfold.report import Skip, node_label
+
+
+class NormPass(ir.passes.InPlacePass):
+    """Base of every normfold pass: subclasses implement `rewrite` and call `applied`/`skip`."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True
+    tolerance_class: ClassVar[str] = "fold"
+    """Which row of the verification tolerance table this pass's rewrites need (see normfold.verification)."""
+    summary: ClassVar[str] = ""
+    handles: ClassVar[tuple[str, ...]] = ()
+    """The site kinds (normfold.detect) this pass rewrites, for `normfold inspect`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied_count = 0
+        self.skipped: list[Skip] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.applied_count = 0
+        self.skipped = []
+        self.rewrite(model)
+        return ir.passes.PassResult(model, modified=self.applied_count > 0)
+
+    def rewrite(self, model: ir.Model) -> None:
+        """Applies the rewrite everywhere it is safe; subclasses implement it."""
+        raise NotImplementedError
+
+    def applied(self) -> None:
+        self.applied_count += 1
+
+    def skip(self, node: ir.Node, reason: str) -> None:
+        self.skipped.append(Skip(node_label(node), reason))
+
+
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
+    """Adds a new initializer named after `base_name` (made unique) holding `array`."""
+    name = unique_name(graph, base_name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
+def unique_name(graph: ir.Graph, base_name: str) -> str:
+    """`base_name`, or `base_name_1`, `base_name_2`, ... whichever no value of the graph uses yet."""
+    taken = _value_names(graph)
+    if base_name not in taken:
+        return base_name
+    return next(f"{base_name}_{i}" for i in itertools.count(1) if f"{base_name}_{i}" not in taken)
+
+
+def _value_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        names.update(v.name for v in node.outputs)
+    return names
+
+
+def only_consumer(value: ir.Value, node: ir.Node) -> bool:
+    """True when `node` is the value's only reader and the value is not a graph output."""
+    return not value.is_graph_output() and all(user is node for user, _ in value.uses())
+
+
+def bypass(node: ir.Node, replacement: ir.Value) -> None:
+    """Makes every reader of the node's first output read `replacement` instead, then drops the node.
+
+    If that output is a graph output, `replacement` takes over its name so the graph's interface is
+    unchanged.
+    """
+    old = node.outputs[0]
+    if old.is_graph_output():
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, replacement, replace_graph_outputs=True)
+        old.name = None
+        replacement.name = name
+    else:
+        ir.convenience.replace_all_uses_with(old, replacement)
+    node.graph.remove(node, safe=True)
