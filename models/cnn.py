@@ -80,7 +80,7 @@ def randomize_batchnorm(bn: nn.Module, generator: torch.Generator) -> None:
 
 
 def _layer_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """(layer, bn) for every BN whose Sequential predecessor is a conv/linear."""
+    """(predecessor, bn) for every BN that directly follows a layer in an nn.Sequential."""
     pairs = []
     for seq in module.modules():
         if isinstance(seq, nn.Sequential):
@@ -150,7 +150,9 @@ class Bottleneck(nn.Module):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
-def _resnet(stem: nn.Module, cin: int, widths: Sequence[int], blocks: Sequence[int], expansion: int, num_classes: int) -> nn.Sequential:
+def _resnet(
+    stem: nn.Module, cin: int, widths: Sequence[int], blocks: Sequence[int], expansion: int, num_classes: int
+) -> nn.Sequential:
     layers = [stem]
     for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
         for i in range(count):
@@ -162,7 +164,9 @@ def _resnet(stem: nn.Module, cin: int, widths: Sequence[int], blocks: Sequence[i
 
 
 @seeded((1, 3, 32, 32))
-def resnet_like(widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 2, 1), expansion: int = 2, num_classes: int = 10) -> nn.Module:
+def resnet_like(
+    widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 2, 1), expansion: int = 2, num_classes: int = 10
+) -> nn.Module:
     """Small bottleneck ResNet for 1x3x32x32 inputs (3x3 stem, no max-pool)."""
     stem = _conv2d_bn(3, widths[0], 3)
     return _resnet(stem, widths[0], widths, blocks, expansion, num_classes)
@@ -261,7 +265,11 @@ def conv1d_bn(channels: int = 16) -> nn.Module:
     c = channels
     return nn.Sequential(
         _conv_bn(nn.Conv1d(4, c, 5, padding=2), nn.BatchNorm1d(c), nn.ReLU()),
-        _conv_bn(nn.Conv1d(c, c, 3, stride=2, padding=2, dilation=2, groups=4, bias=False), nn.BatchNorm1d(c), nn.ReLU()),
+        _conv_bn(
+            nn.Conv1d(c, c, 3, stride=2, padding=2, dilation=2, groups=4, bias=False),
+            nn.BatchNorm1d(c),
+            nn.ReLU(),
+        ),
         _conv_bn(nn.Conv1d(c, c, 3, padding=1, groups=c), nn.BatchNorm1d(c), None),
     )
 

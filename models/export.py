@@ -65,10 +65,13 @@ def build_onnx(
 ) -> onnx.ModelProto:
     """Build the registered model ``name`` from ``seed`` and export it."""
     module = build(name, seed)
-    return to_onnx(module, seeded_inputs(name, seed), path, opset=opset, exporter=exporter, dynamic_batch=dynamic_batch)
+    inputs = seeded_inputs(name, seed)
+    return to_onnx(module, inputs, path, opset=opset, exporter=exporter, dynamic_batch=dynamic_batch)
 
 
-def _export_dynamo(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+def _export_dynamo(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
     dynamic_shapes = tuple({0: "batch"} for _ in args) if dynamic_batch else None
     program = torch.onnx.export(
         module,
@@ -86,7 +89,9 @@ def _export_dynamo(module: torch.nn.Module, args: tuple[torch.Tensor, ...], name
     return model
 
 
-def _export_torchscript(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+def _export_torchscript(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
     buffer = io.BytesIO()
     dynamic_axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     torch.onnx.export(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,8 +69,22 @@ def make_session(model_file: str | os.PathLike, *, provider: str = "cpu", optimi
     try:
         return ort.InferenceSession(str(model_file), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types, all "cannot run this model"
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"onnxruntime cannot load the model: {message[:300]}") from None
+        raise InputError(f"onnxruntime cannot load the model: {ort_error_message(exc)}") from None
+
+
+def ort_error_message(exc: BaseException) -> str:
+    """onnxruntime's error text without its "[ONNXRuntimeError] : 1 : FAIL : file.cc:123 Func(...)" prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    if re.match(r"^\S+\.(cc|h|cpp):\d+ ", text):
+        depth, end = 0, None
+        for i, char in enumerate(text):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if char == ")" and depth == 0:
+                end = i + 1
+                break
+        text = text[end:].strip() if end else text
+    return text[:300]
 
 
 @contextlib.contextmanager

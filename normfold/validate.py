@@ -1,11 +1,21 @@
-"""Structural checks that a loaded model is one normfold can safely work on.
+"""Structural checks that a model is one normfold can safely work on.
 
-Refused, each with one line naming the problem: an ir_version outside what the installed onnx knows,
-a missing or out-of-range default-domain opset, values that are used but never defined (in any
-scope), cycles, and initializers whose stored bytes do not match their declared shape.
+Two layers, both answering with one line that names the problem:
+
+- `validate_proto` runs on the raw protobuf, before onnx-ir wraps it, so nothing is allocated from
+  untrusted sizes: subgraphs nested deeper than MAX_SUBGRAPH_DEPTH; sparse tensors and training_info
+  (onnx-ir would silently drop them); every embedded tensor (initializers, node attributes, in every
+  graph and function) must have non-negative dims, a known data type and exactly the data its shape
+  needs, so an initializer declaring dims like 2**40 without the bytes to match is refused here.
+- `validate_model` runs on the onnx-ir model: an ir_version outside what the installed onnx knows, a
+  missing or out-of-range default-domain opset, values that are used but never defined (in any
+  scope), cycles, and initializers whose stored bytes do not match their declared shape.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -15,6 +25,13 @@ from normfold.errors import InputError
 MIN_IR_VERSION = 3
 MIN_OPSET = 7
 """BatchNormalization took its modern form (no `spatial`/`is_test` semantics to emulate) at opset 7."""
+
+MAX_SUBGRAPH_DEPTH = 16
+"""Deepest nesting of subgraphs (If/Loop/Scan bodies) accepted; real models use a handful of levels."""
+
+_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+_COMPLEX = frozenset({onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128})
+_AttrType = onnx.AttributeProto.AttributeType
 
 
 def max_opset() -> int:
@@ -28,6 +45,123 @@ def default_opset(model: ir.Model) -> int | None:
         if domain in model.opset_imports:
             return model.opset_imports[domain]
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Protobuf level
+
+
+def iter_tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(description, tensor) for every TensorProto of the model: initializers and node attributes of
+    the main graph, every subgraph and every model-local function. Iterative, so depth cannot overflow."""
+    for where, graph, _depth in _iter_graph_protos(proto):
+        for tensor in graph.initializer:
+            yield f"initializer {tensor.name!r}{where}", tensor
+    for node, where in _iter_node_protos(proto):
+        for attr in node.attribute:
+            label = f"attribute {attr.name!r} of node {node.name or node.op_type!r}{where}"
+            if attr.HasField("t"):
+                yield label, attr.t
+            for tensor in attr.tensors:
+                yield label, tensor
+
+
+def validate_proto(proto: onnx.ModelProto, *, name: str) -> None:
+    """Raises InputError if the protobuf holds something normfold cannot keep or must not allocate."""
+    if len(proto.training_info):
+        raise InputError(f"{name}: the model has training_info, which normfold cannot preserve; not supported")
+    for where, graph, depth in _iter_graph_protos(proto):
+        if depth > MAX_SUBGRAPH_DEPTH:
+            raise InputError(
+                f"{name}: subgraphs are nested {depth} deep{where}, more than the {MAX_SUBGRAPH_DEPTH} supported"
+            )
+        if len(graph.sparse_initializer):
+            raise InputError(f"{name}: sparse initializers{where} are not supported")
+    for node, where in _iter_node_protos(proto):
+        for attr in node.attribute:
+            if attr.HasField("sparse_tensor") or len(attr.sparse_tensors):
+                raise InputError(
+                    f"{name}: node {node.name or node.op_type!r}{where} has a sparse tensor attribute; not supported"
+                )
+    for label, tensor in iter_tensor_protos(proto):
+        _check_tensor_proto(tensor, f"{name}: {label}")
+
+
+def _iter_graph_protos(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto, int]]:
+    """(where, graph, depth) for the main graph and every subgraph, functions' included."""
+    stack: list[tuple[str, onnx.GraphProto, int]] = [("", proto.graph, 0)]
+    for function in proto.functions:
+        where = f" in function {function.domain}::{function.name}"
+        stack.extend((where, g, 1) for g in _subgraphs_of(function.node))
+    while stack:
+        where, graph, depth = stack.pop()
+        yield where, graph, depth
+        if depth > MAX_SUBGRAPH_DEPTH:
+            continue  # the caller refuses it; do not walk further down
+        inner = f" in subgraph {graph.name!r}" if depth else where
+        stack.extend((inner, g, depth + 1) for g in _subgraphs_of(graph.node))
+
+
+def _subgraphs_of(nodes) -> Iterator[onnx.GraphProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield attr.g
+            yield from attr.graphs
+
+
+def _iter_node_protos(proto: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, str]]:
+    for where, graph, depth in _iter_graph_protos(proto):
+        if depth <= MAX_SUBGRAPH_DEPTH:
+            for node in graph.node:
+                yield node, where
+    for function in proto.functions:
+        for node in function.node:
+            yield node, f" in function {function.domain}::{function.name}"
+
+
+def _check_tensor_proto(tensor: onnx.TensorProto, label: str) -> None:
+    if any(d < 0 for d in tensor.dims):
+        raise InputError(f"{label} has negative dims {list(tensor.dims)}")
+    if tensor.data_type not in _DATA_TYPES:
+        raise InputError(f"{label} has an unknown data type ({tensor.data_type})")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return  # checked against the file by normfold.io before anything reads it
+    count = math.prod(tensor.dims)
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        raise InputError(f"{label} has a data type this onnx-ir does not know ({tensor.data_type})") from None
+    dtype_name = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if tensor.HasField("raw_data"):
+        if dtype == ir.DataType.STRING:
+            raise InputError(f"{label} is a string tensor stored as raw bytes, which ONNX does not allow")
+        expected = (count * dtype.bitwidth + 7) // 8
+        have = len(tensor.raw_data)
+        if have != expected:
+            raise InputError(
+                f"{label} holds {have} bytes but its shape {list(tensor.dims)} of {dtype_name} needs {expected}"
+            )
+        return
+    try:
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, ValueError):  # a type newer than this check: leave it to onnx-ir
+        return
+    have = len(getattr(tensor, field))
+    if dtype != ir.DataType.STRING and dtype.bitwidth < 8:
+        # Sub-byte types pack several values per stored element; only an empty store is surely wrong.
+        if count and not have:
+            raise InputError(f"{label} holds no data but its shape {list(tensor.dims)} needs {count} values")
+        return
+    expected = 2 * count if tensor.data_type in _COMPLEX else count
+    if have != expected:
+        raise InputError(
+            f"{label} holds {have} values but its shape {list(tensor.dims)} of {dtype_name} needs {expected}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# onnx-ir level
 
 
 def validate_model(model: ir.Model, *, name: str) -> None:
@@ -79,9 +213,9 @@ def _check_initializer_sizes(graph: ir.Graph, name: str) -> None:
         if tensor is None or not isinstance(tensor, ir.TensorProtoTensor):
             continue
         proto = tensor.raw
-        if not proto.HasField("raw_data") or tensor.dtype.bitwidth < 8:
+        if not proto.HasField("raw_data") or tensor.dtype == ir.DataType.STRING:
             continue
-        expected = tensor.dtype.itemsize * tensor.size
+        expected = (tensor.size * tensor.dtype.bitwidth + 7) // 8
         if len(proto.raw_data) != expected:
             raise InputError(
                 f"{name}: initializer {value.name!r} holds {len(proto.raw_data)} bytes but its shape "

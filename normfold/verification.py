@@ -46,6 +46,8 @@ class OutputCheck:
     cosine: float
     rtol: float
     atol: float
+    nonfinite: int = 0
+    """Reference elements that are NaN or infinite (they must match exactly, and prove little)."""
     worst_index: list[int] | None = None
     worst_reference: float | None = None
     worst_candidate: float | None = None
@@ -150,8 +152,9 @@ def compare(name, reference, candidate, *, atol=None, rtol=None, tolerance_class
     same_nonfinite = (np.isnan(ref64) & np.isnan(cand64)) | (np.isinf(ref64) & (ref64 == cand64))
     diff = np.where(same_nonfinite, 0.0, diff)
     diff = np.where(np.isnan(diff), np.inf, diff)
-    bad = diff > atol_abs + rtol * np.abs(ref64)
-    rel = diff / np.maximum(np.abs(ref64), atol_abs)
+    magnitude = np.abs(np.where(finite, ref64, 0.0))
+    bad = diff > atol_abs + rtol * magnitude
+    rel = diff / np.maximum(magnitude, atol_abs)
     check = OutputCheck(
         **base,
         passed=not bool(bad.any()),
@@ -161,13 +164,16 @@ def compare(name, reference, candidate, *, atol=None, rtol=None, tolerance_class
         cosine=_cosine(ref64[finite & np.isfinite(cand64)], cand64[finite & np.isfinite(cand64)]),
         rtol=rtol,
         atol=atol_abs,
+        nonfinite=int((~finite).sum()),
     )
+    if check.nonfinite:
+        check.message = f"{check.nonfinite} reference elements are NaN or infinite. "
     if bad.any():
         worst = np.unravel_index(int(np.argmax(np.where(bad, diff, -1.0))), diff.shape)
         check.worst_index = [int(i) for i in worst]
         check.worst_reference = float(ref64[worst])
         check.worst_candidate = float(cand64[worst])
-        check.message = (f"{int(bad.sum())} of {bad.size} elements out of tolerance; worst at {check.worst_index}: "
+        check.message += (f"{int(bad.sum())} of {bad.size} elements out of tolerance; worst at {check.worst_index}: "
                          f"reference {check.worst_reference:.6g}, candidate {check.worst_candidate:.6g}")
     return check
 
@@ -268,8 +274,7 @@ def _run(session, feeds, which: str) -> list:
     try:
         return session.run(None, feeds)
     except Exception as exc:  # onnxruntime's own exception types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"onnxruntime failed to run the {which} model: {message[:300]}") from None
+        raise InputError(f"onnxruntime failed to run the {which} model: {runtime.ort_error_message(exc)}") from None
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from normfold import foldmath
 from normfold.constants import constant
+from normfold.shapes import rank
 from normfold.rewrite import NormPass, add_initializer, bypass, only_consumer
 
 
@@ -90,6 +91,8 @@ def read_batchnorm(node: ir.Node, model: ir.Model) -> BatchNorm:
             raise Refused(f"BN {role} is not constant: {const.reason}")
         params.append(const.array)
     eps = node.attributes.get_float("epsilon", 1e-5)
+    if not np.all(np.asarray(params[3], dtype=np.float64) + eps > 0):
+        raise Refused("variance + epsilon is not positive for some channel (BN outputs NaN there)")
     scale, shift = foldmath.bn_scale_shift(*params, eps)
     return BatchNorm(node, scale, shift)
 
@@ -165,11 +168,11 @@ def _fold_after_matmul(bn: BatchNorm, producer: ir.Node, model: ir.Model) -> Non
     if matmul.op_type != "MatMul":
         raise Refused(f"its input comes from {producer.op_type}, which is not a linear op")
     activation = matmul.inputs[0]
-    if activation.shape is None or len(activation.shape) != 2:
-        rank = "unknown" if activation.shape is None else len(activation.shape)
+    activation_rank = rank(activation, model)
+    if activation_rank != 2:
         raise Refused(
-            f"MatMul input {activation.name!r} has rank {rank}; only a 2-D (N, C) input puts BN's channel "
-            "axis on the MatMul's output axis"
+            f"MatMul input {activation.name!r} has rank {activation_rank or 'unknown'}; only a 2-D (N, C) "
+            "input puts BN's channel axis on the MatMul's output axis"
         )
     weight = _constant_input(matmul, 1, "weight", model)
     if weight.ndim != 2:
