@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from normfold import io
@@ -71,23 +72,26 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
 
 
 def convert(
-    model: ir.Model | str | os.PathLike,
+    model: ir.Model | onnx.ModelProto | str | os.PathLike,
     passes: Sequence[str | NormPass] | None = None,
     *,
     verify: bool = True,
     approximate: bool = False,
     **verify_options,
 ) -> tuple[ir.Model, Report]:
-    """Rewrites `model` (in place if an ir.Model) and returns it with its report.
+    """Rewrites `model` (in place if an ir.Model; a path is loaded, a ModelProto wrapped) and returns it
+    with its report.
 
     `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
     Raises VerificationError, with `.report`, when the result is not equivalent.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    source = Path(model) if not isinstance(model, ir.Model) else None
+    source = Path(model) if isinstance(model, (str, os.PathLike)) else None
     if source is not None:
         model = io.load(source)
+    elif isinstance(model, onnx.ModelProto):
+        model = io.from_proto(model)
     timings["load"] = time.perf_counter() - start
     selected = resolve_passes(passes, approximate=approximate)
     reference = source if source is not None else (snapshot(model) if verify else None)

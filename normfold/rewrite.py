@@ -12,6 +12,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from normfold.constants import LEGACY_INPUT_INITIALIZERS_IR
 from normfold.report import Skip, node_label
 
 
@@ -48,12 +49,17 @@ class NormPass(ir.passes.InPlacePass):
         self.skipped.append(Skip(node_label(node), reason))
 
 
-def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
-    """Adds a new initializer named after `base_name` (made unique) holding `array`."""
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, model: ir.Model) -> ir.Value:
+    """Adds a new initializer named after `base_name` (made unique) holding `array`.
+
+    Below IR 4 the main graph's initializers must also be listed as graph inputs, so it is.
+    """
     name = unique_name(graph, base_name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
     value.const_value = ir.tensor(array, name=name)
     graph.register_initializer(value)
+    if model.ir_version < LEGACY_INPUT_INITIALIZERS_IR and graph is model.graph:
+        graph.inputs.append(value)
     return value
 
 
@@ -80,8 +86,8 @@ def only_consumer(value: ir.Value, node: ir.Node) -> bool:
 def bypass(node: ir.Node, replacement: ir.Value) -> None:
     """Makes every reader of the node's first output read `replacement` instead, then drops the node.
 
-    If that output is a graph output, `replacement` takes over its name so the graph's interface is
-    unchanged.
+    If that output is a graph output, `replacement` takes over its name, type and shape so the graph's
+    interface is unchanged.
     """
     old = node.outputs[0]
     if old.is_graph_output():
@@ -89,6 +95,8 @@ def bypass(node: ir.Node, replacement: ir.Value) -> None:
         ir.convenience.replace_all_uses_with(old, replacement, replace_graph_outputs=True)
         old.name = None
         replacement.name = name
+        replacement.type = old.type or replacement.type
+        replacement.shape = old.shape or replacement.shape
     else:
         ir.convenience.replace_all_uses_with(old, replacement)
     node.graph.remove(node, safe=True)

@@ -126,7 +126,8 @@ def _check_tensor_proto(tensor: onnx.TensorProto, label: str) -> None:
     if tensor.data_type not in _DATA_TYPES:
         raise InputError(f"{label} has an unknown data type ({tensor.data_type})")
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return  # checked against the file by normfold.io before anything reads it
+        _check_external_entries(tensor, label)
+        return  # the file itself is checked by normfold.io before anything reads it
     count = math.prod(tensor.dims)
     try:
         dtype = ir.DataType(tensor.data_type)
@@ -158,6 +159,16 @@ def _check_tensor_proto(tensor: onnx.TensorProto, label: str) -> None:
         raise InputError(
             f"{label} holds {have} values but its shape {list(tensor.dims)} of {dtype_name} needs {expected}"
         )
+
+
+def _check_external_entries(tensor: onnx.TensorProto, label: str) -> None:
+    """An external tensor needs a location; offset and length, when given, are non-negative integers."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    if not entries.get("location"):
+        raise InputError(f"{label} is stored externally but has no location")
+    for key in ("offset", "length"):
+        if key in entries and not (entries[key].isascii() and entries[key].isdigit()):
+            raise InputError(f"{label} has external data {key} {entries[key]!r}; expected a non-negative integer")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _fold_after_matmul(bn: BatchNorm, producer: ir.Node, model: ir.Model) -> Non
     new_bias = foldmath.affine_after_bias(bias, bn.scale, bn.shift)
     _replace_input(matmul, 1, model, new_weight.astype(weight.dtype), "weight")
     if add is None:
-        shift = add_initializer(bn.node.graph, f"{bn.node.outputs[0].name}_shift", new_bias.astype(weight.dtype))
+        shift = add_initializer(bn.node.graph, f"{bn.node.outputs[0].name}_shift", new_bias.astype(weight.dtype), model)
         add_node = ir.node("Add", [matmul.outputs[0], shift], name=f"{bn.node.name or 'bn'}_folded_shift")
         bn.node.graph.insert_after(matmul, add_node)
         bypass(bn.node, add_node.outputs[0])
@@ -242,8 +242,10 @@ def _split_bias_add(add: ir.Node, model: ir.Model) -> tuple[ir.Node, ir.Node, in
 
 def _bias_vector(add: ir.Node, index: int, model: ir.Model, channels: int) -> np.ndarray:
     bias = _constant_input(add, index, "bias", model)
-    if bias.size != channels or (bias.ndim >= 1 and bias.shape[-1] != channels):
-        raise Refused(f"the bias added to the MatMul has shape {list(bias.shape)}, not ({channels},)")
+    if bias.ndim not in (1, 2) or bias.size != channels or bias.shape[-1] != channels:
+        raise Refused(
+            f"the bias added to the MatMul has shape {list(bias.shape)}, not ({channels},) or (1, {channels})"
+        )
     return bias.reshape(-1)
 
 
@@ -256,7 +258,7 @@ def _set_weights(node, model, *, weight_index, weight, bias_index, bias, dtype) 
 def _replace_input(node: ir.Node, index: int, model: ir.Model, array: np.ndarray, role: str) -> None:
     old = node.inputs[index] if index < len(node.inputs) else None
     base = old.name if old is not None and old.name else f"{node.name or node.op_type}_{role}"
-    value = add_initializer(node.graph, f"{base}_folded", array)
+    value = add_initializer(node.graph, f"{base}_folded", array, model)
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)

@@ -98,3 +98,19 @@ def test_report_schema_is_stable():
     assert set(data["passes"][0]) == {"name", "applied", "iterations", "seconds", "skipped"}
     assert set(data["verification"]) >= {"passed", "max_abs_error", "max_rel_error", "outputs"}
     assert set(data["timings"]) == {"load", "passes", "verify"}
+
+
+def test_convert_accepts_a_path_a_model_proto_and_an_ir_model(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn(), path)
+    for model in (path, str(path), conv_bn(), io.from_proto(conv_bn())):
+        converted, report = normfold.convert(model)
+        assert report.passes[0].applied == 1 and [n.op_type for n in converted.graph] == ["Conv", "Relu"]
+
+
+def test_a_pass_runs_on_its_own_as_an_onnx_ir_pass():
+    model = io.from_proto(conv_bn())
+    result = FoldBatchNorm()(model)
+    assert result.modified and result.model is model
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
+    assert not FoldBatchNorm()(model).modified

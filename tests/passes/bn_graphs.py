@@ -96,7 +96,8 @@ class GraphBuilder:
         return f"{prefix}{next(self._counter)}"
 
     def input(self, name: str, shape, dtype=None) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, tensor_type(dtype or self.dtype), list(shape)))
+        dims = None if shape is None else list(shape)
+        self.inputs.append(helper.make_tensor_value_info(name, tensor_type(dtype or self.dtype), dims))
         return name
 
     def init(self, name: str, array: np.ndarray, *, as_input: bool = False) -> str:
@@ -186,6 +187,10 @@ def _pads(value, dims: int) -> list[int]:
     return [value] * (2 * dims) if isinstance(value, int) else list(value)
 
 
+def _fmt(value) -> str:
+    return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _tag(dtype, param_dtype) -> str:
     dt = np.dtype(dtype).name
     return dt if param_dtype is None or np.dtype(param_dtype) == np.dtype(dtype) else f"{dt}-params{np.dtype(param_dtype).name}"
@@ -208,8 +213,8 @@ def conv_bn(*, dims: int = 2, cin: int = 4, cout: int = 6, groups: int = 1, kern
     y = g.node("Conv", inputs, name="conv", kernel_shape=kernel, strides=_per_dim(strides, dims),
                dilations=_per_dim(dilations, dims), pads=_pads(pads, dims), group=groups)
     g.output(g.bn(y, cout, param_dtype=param_dtype, output="y"))
-    name = (f"conv{dims}d-cin{cin}-cout{cout}-g{groups}-k{kernel}-s{strides}-d{dilations}-p{pads}"
-            f"-{'bias' if bias else 'nobias'}-{_tag(dtype, param_dtype)}-op{opset}")
+    name = (f"conv{dims}d-cin{cin}-cout{cout}-g{groups}-k{_fmt(kernel)}-s{_fmt(strides)}-d{_fmt(dilations)}"
+            f"-p{_fmt(pads)}-{'bias' if bias else 'nobias'}-{_tag(dtype, param_dtype)}-opset{opset}")
     return Case(name, g.build(opset=opset), 1, np.dtype(dtype))
 
 
@@ -227,8 +232,9 @@ def conv_transpose_bn(*, dims: int = 2, cin: int = 4, cout: int = 6, groups: int
                dilations=_per_dim(dilations, dims), pads=_pads(pads, dims),
                output_padding=_per_dim(output_padding, dims), group=groups)
     g.output(g.bn(y, cout, param_dtype=param_dtype, output="y"))
-    name = (f"convT{dims}d-cin{cin}-cout{cout}-g{groups}-k{kernel}-s{strides}-d{dilations}-p{pads}"
-            f"-op{output_padding}-{'bias' if bias else 'nobias'}-{_tag(dtype, param_dtype)}-opset{opset}")
+    name = (f"convT{dims}d-cin{cin}-cout{cout}-g{groups}-k{_fmt(kernel)}-s{_fmt(strides)}-d{_fmt(dilations)}"
+            f"-p{_fmt(pads)}-outpad{_fmt(output_padding)}-{'bias' if bias else 'nobias'}-{_tag(dtype, param_dtype)}"
+            f"-opset{opset}")
     return Case(name, g.build(opset=opset), 1, np.dtype(dtype))
 
 
@@ -292,8 +298,8 @@ def bn_conv(*, dims: int = 2, cin: int = 4, cout: int = 6, groups: int = 1, kern
         attrs["pads"] = _pads(pads, dims)
     g.output(g.node("Conv", inputs, outputs=["y"], name="conv", **attrs))
     folds = int(not any(_pads(pads or 0, dims)) and auto_pad in (None, "NOTSET", "VALID"))
-    name = (f"bn-conv{dims}d-cin{cin}-cout{cout}-g{groups}-k{kernel}-s{strides}-d{dilations}-p{pads}"
-            f"-auto{auto_pad}-{'bias' if bias else 'nobias'}-{_tag(dtype, param_dtype)}-opset{opset}")
+    name = (f"bn-conv{dims}d-cin{cin}-cout{cout}-g{groups}-k{_fmt(kernel)}-s{_fmt(strides)}-d{_fmt(dilations)}"
+            f"-p{_fmt(pads)}-auto{auto_pad}-{'bias' if bias else 'nobias'}-{_tag(dtype, param_dtype)}-opset{opset}")
     return Case(name, g.build(opset=opset), folds, np.dtype(dtype))
 
 

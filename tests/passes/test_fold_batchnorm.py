@@ -347,6 +347,15 @@ def test_constants_given_by_constant_nodes_fold():
     assert count(folded, "Constant") == 0  # the orphaned constants are cleaned up
 
 
+def test_matmul_after_relu_without_shape_info_folds():
+    """The MatMul activation has no value_info; its rank is derived through the Relu."""
+    g = GraphBuilder(seed=38)
+    h = g.node("MatMul", [g.node("Relu", [g.input("x", [5, 7])]), g.init("W", g.random([7, 6]))])
+    h = g.node("Add", [h, g.init("b", g.random([6]))])
+    g.output(g.bn(h, 6, output="y"))
+    assert_folds(bg.Case("relu-matmul-add-bn", g.build(), 1))
+
+
 def test_training_mode_zero_folds():
     g = GraphBuilder(seed=9)
     h = g.node("Conv", [g.input("x", [2, 4, 7, 7]), g.init("W", g.random([6, 4, 3, 3]))])
@@ -669,6 +678,31 @@ def test_matmul_add_bias_that_raises_the_rank_is_not_folded():
     proto = g.build()
     assert proto.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1  # (1, 4, 4)
     assert_unchanged(proto)
+
+
+def test_matmul_on_reshaped_3d_input_is_not_folded():
+    """The activation has no declared shape; its rank (3) comes from the constant Reshape target."""
+    g = GraphBuilder(seed=35)
+    h = g.node("Reshape", [g.input("x", [12, 5]), g.init("shape", np.array([2, 6, 5], np.int64))])
+    h = g.node("MatMul", [h, g.init("W", g.random([5, 6]))], name="matmul")
+    g.output(g.bn(h, 6, output="y", name="bn"))
+    assert_unchanged(g.build(), "rank 3")
+
+
+def test_matmul_on_an_input_of_unknown_rank_is_not_folded():
+    g = GraphBuilder(seed=36)
+    h = g.node("MatMul", [g.input("x", None), g.init("W", g.random([5, 6]))], name="matmul")
+    g.output(g.bn(h, 6, output="y", name="bn"))
+    assert_unchanged(g.build(), "rank unknown")
+
+
+def test_negative_variance_plus_epsilon_is_not_folded():
+    g = GraphBuilder(seed=37)
+    params = bg.bn_params(g.rng, 6)
+    params.var[3] = -1.0
+    h = g.node("Conv", [g.input("x", [2, 4, 7, 7]), g.init("W", g.random([6, 4, 3, 3]))], name="conv")
+    g.output(g.bn(h, 6, params=params, output="y", name="bn"))
+    assert_unchanged(g.build(), "not positive")
 
 
 def test_matmul_with_shared_output_is_not_folded():

@@ -1,0 +1,276 @@
+"""Property tests of fold-batchnorm: random Conv / ConvTranspose / BatchNormalization stacks.
+
+Hypothesis draws a stack of 1-4 layers (1-D, 2-D or 3-D; channels, kernels, strides, dilations,
+asymmetric pads, output_padding, groups including depthwise; BN anywhere, with variance spanning
+1e-6..1e3, gamma with zero and negative entries, epsilon in [1e-6, 1e-3]). Each model is converted
+with normfold.convert (which itself verifies against the unoptimized original on onnxruntime), and
+the folded model's onnxruntime output is compared with a float64 numpy evaluation of the original
+stack (bn_graphs.conv_ref / conv_transpose_ref / bn_ref) under REFERENCE.md's tolerances:
+fp32 rtol 1e-4, atol 1e-5 * max(1, rms(reference)); fp16 rtol 1e-2, atol 1e-2 * scale.
+
+Which BNs must fold is predicted independently: a BN whose chain of preceding BNs starts at a Conv
+or ConvTranspose folds after it; a run of BNs at the graph input folds only into a following Conv
+that reads no padding.
+
+Example counts: 200 fp32 stacks + 60 fp16 layers in CI. Set NORMFOLD_LONG=1 for a long run of 10000
+examples per property (NORMFOLD_LONG=1 pytest tests/passes/test_fold_batchnorm_properties.py).
+A failure prints the falsifying example and a reproduction blob (@reproduce_failure).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bn_graphs as bg
+import normfold
+from bn_graphs import GraphBuilder
+from normfold.io import from_proto
+
+pytest.importorskip("onnxruntime")
+
+LONG = os.environ.get("NORMFOLD_LONG") == "1"
+COMMON = dict(deadline=None, derandomize=False, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FP32_EXAMPLES = 10_000 if LONG else 200
+FP16_EXAMPLES = 10_000 if LONG else 60
+
+
+@dataclass
+class Layer:
+    kind: str  # "conv", "convT" or "bn"
+    cout: int = 0
+    groups: int = 1
+    kernel: tuple = ()
+    strides: tuple = ()
+    dilations: tuple = ()
+    pads: tuple = ()
+    output_padding: tuple = ()
+    bias: bool = True
+
+
+@dataclass
+class Stack:
+    dims: int
+    batch: int
+    cin: int
+    size: tuple
+    layers: list
+    seed: int
+    var_lo: float
+    eps: tuple  # one per BN
+
+    def expected_folds(self) -> int:
+        folds = 0
+        kinds = [layer.kind for layer in self.layers]
+        leading = 0
+        while leading < len(kinds) and kinds[leading] == "bn":
+            leading += 1
+        if leading < len(kinds) and kinds[leading] == "conv" and not any(self.layers[leading].pads):
+            folds += leading  # BN(s) at the input fold into a following unpadded Conv
+        folds += kinds[leading:].count("bn")  # every later BN has a Conv/ConvTranspose behind its BN chain
+        return folds
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def conv_layer(draw, dims: int, cin: int, size: tuple, transpose: bool):
+    groups = draw(st.sampled_from(_divisors(cin)))
+    cout = groups * draw(st.integers(1, max(1, 6 // groups)))
+    kernel, strides, dilations, pads, output_padding, out = [], [], [], [], [], []
+    for s in size:
+        k = draw(st.integers(1, 3))
+        stride = draw(st.integers(1, 2))
+        dilation = draw(st.integers(1, 2)) if k > 1 else 1
+        extent = (k - 1) * dilation + 1
+        if transpose:
+            op = draw(st.integers(0, stride - 1))
+            full = stride * (s - 1) + op + extent
+            pb = draw(st.integers(0, min(k - 1, (full - 1) // 2)))
+            pe = draw(st.integers(0, min(k - 1, full - 1 - pb)))
+            o = full - pb - pe
+        else:
+            op = 0
+            pb, pe = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+            if s + pb + pe < extent:  # keep at least one output position
+                dilation, extent = 1, k
+            if s + pb + pe < extent:
+                k, extent = 1, 1
+            o = (s + pb + pe - extent) // stride + 1
+        kernel.append(k), strides.append(stride), dilations.append(dilation), output_padding.append(op)
+        pads.append((pb, pe)), out.append(o)
+    if not transpose and draw(st.booleans()):
+        pads = [(0, 0)] * dims  # unpadded convs are the ones a BN before them can fold into
+    flat_pads = tuple(p[0] for p in pads) + tuple(p[1] for p in pads)
+    if not transpose:
+        out = [(s + p[0] + p[1] - ((k - 1) * d + 1)) // st_ + 1
+               for s, p, k, d, st_ in zip(size, pads, kernel, dilations, strides)]
+    layer = Layer("convT" if transpose else "conv", cout, groups, tuple(kernel), tuple(strides), tuple(dilations),
+                  flat_pads, tuple(output_padding), draw(st.booleans()))
+    return layer, tuple(out)
+
+
+MAX_SIZE = {1: 12, 2: 8, 3: 4}
+
+
+@st.composite
+def stacks(draw):
+    dims = draw(st.sampled_from([1, 2, 2, 3]))
+    size = tuple(draw(st.integers(2, MAX_SIZE[dims])) for _ in range(dims))
+    cin = draw(st.integers(1, 6))
+    channels, layers = cin, []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "convT", "bn", "bn"]))
+        if kind == "bn":
+            layers.append(Layer("bn", channels))
+            continue
+        layer, out = draw(conv_layer(dims, channels, size, kind == "convT"))
+        if any(o > MAX_SIZE[dims] for o in out):  # keep tensors small: a ConvTranspose that grows too much
+            layers.append(Layer("bn", channels))  # becomes a BN instead
+            continue
+        layers.append(layer)
+        channels, size = layer.cout, out
+    if not any(layer.kind == "bn" for layer in layers):
+        layers.append(Layer("bn", channels))
+    n_bn = sum(layer.kind == "bn" for layer in layers)
+    eps = tuple(draw(st.floats(1e-6, 1e-3)) for _ in range(n_bn))
+    input_size = tuple(draw(st.just(s)) for s in size)  # noqa: F841 (documented by the stack itself)
+    return Stack(dims, draw(st.integers(1, 2)), cin, None, layers, draw(st.integers(0, 2**32 - 1)),
+                 draw(st.sampled_from([1e-6, 1e-4, 1e-2])), eps)
+
+
+def build_stack(stack: Stack, input_size: tuple, dtype=np.float32):
+    """The ONNX model of `stack` and a float64 function computing it from the stored parameters."""
+    g = GraphBuilder(dtype=dtype, seed=stack.seed)
+    x = g.input("x", [stack.batch, stack.cin, *input_size])
+    ops = []
+    channels, eps = stack.cin, iter(stack.eps)
+    for i, layer in enumerate(stack.layers):
+        last = i == len(stack.layers) - 1
+        out = "y" if last else None
+        if layer.kind == "bn":
+            params = bg.bn_params(g.rng, channels, dtype=dtype, var_range=(stack.var_lo, 1e3), eps=next(eps))
+            x = g.bn(x, channels, params=params, output=out)
+            ops.append(lambda v, p=params: bg.bn_ref(v, p))
+            continue
+        transpose = layer.kind == "convT"
+        shape = ([channels, layer.cout // layer.groups] if transpose else [layer.cout, channels // layer.groups])
+        w = g.random(shape + list(layer.kernel))
+        b = g.random([layer.cout], scale=1.0) if layer.bias else None
+        inputs = [x, g.init(g.fresh("W"), w)] + ([g.init(g.fresh("B"), b)] if b is not None else [])
+        attrs = dict(kernel_shape=list(layer.kernel), strides=list(layer.strides), dilations=list(layer.dilations),
+                     pads=list(layer.pads), group=layer.groups)
+        if transpose:
+            attrs["output_padding"] = list(layer.output_padding)
+            x = g.node("ConvTranspose", inputs, outputs=[out] if out else None, **attrs)
+            ops.append(lambda v, w=w, b=b, a=attrs: bg.conv_transpose_ref(
+                v, w, b, strides=a["strides"], dilations=a["dilations"], pads=a["pads"],
+                output_padding=a["output_padding"], groups=a["group"]))
+        else:
+            x = g.node("Conv", inputs, outputs=[out] if out else None, **attrs)
+            ops.append(lambda v, w=w, b=b, a=attrs: bg.conv_ref(
+                v, w, b, strides=a["strides"], dilations=a["dilations"], pads=a["pads"], groups=a["group"]))
+        channels = layer.cout
+    g.output("y")
+
+    def reference(feed):
+        v = np.asarray(feed, np.float64)
+        for op in ops:
+            v = op(v)
+        return v
+
+    return g.build(opset=17), reference
+
+
+def check_stack(stack: Stack, input_size: tuple, dtype) -> None:
+    proto, reference = build_stack(stack, input_size, dtype)
+    n_bn = sum(layer.kind == "bn" for layer in stack.layers)
+    # convert() verifies the folded model against the unoptimized original on onnxruntime itself
+    model, report = normfold.convert(from_proto(proto), passes=["fold-batchnorm"], seed=stack.seed % 1000)
+    folds = stack.expected_folds()
+    assert report.passes[0].applied == folds, report.summary_lines()
+    assert report.ops_after.get("BatchNormalization", 0) == n_bn - folds
+    if folds:
+        assert report.verification["passed"], report.verification
+    folded = ir.serde.serialize_model(model)
+    feeds = bg.random_feeds(proto, seed=stack.seed % 1000)
+    got = bg.run(folded, feeds)["y"]
+    bg.assert_close(got, reference(feeds["x"]), dtype, what="folded model vs float64 reference")
+
+
+@st.composite
+def sized_stacks(draw, max_layers: int | None = None, fp16: bool = False):
+    stack = draw(stacks())
+    if max_layers is not None:
+        stack.layers = stack.layers[:max_layers]
+        if not any(layer.kind == "bn" for layer in stack.layers):
+            stack.layers.append(Layer("bn", 0))
+    return stack
+
+
+def _input_size(stack: Stack, draw) -> tuple:
+    return tuple(draw(st.integers(2, MAX_SIZE[stack.dims])) for _ in range(stack.dims))
+
+
+@st.composite
+def stack_and_size(draw, fp16: bool = False):
+    """A stack and an input size for which every layer's output fits MAX_SIZE and is non-empty."""
+    dims = draw(st.sampled_from([1, 2, 2, 3]))
+    size = tuple(draw(st.integers(2, MAX_SIZE[dims])) for _ in range(dims))
+    cin = draw(st.integers(1, 6))
+    channels, cur, layers = cin, size, []
+    n_layers = 1 if fp16 else draw(st.integers(1, 4))
+    for _ in range(n_layers):
+        kind = draw(st.sampled_from(["conv", "convT", "bn", "bn"]))
+        if kind != "bn":
+            layer, out = draw(conv_layer(dims, channels, cur, kind == "convT"))
+            if all(1 <= o <= MAX_SIZE[dims] for o in out):
+                layers.append(layer)
+                channels, cur = layer.cout, out
+                continue
+        layers.append(Layer("bn", channels))
+    if fp16 or not any(layer.kind == "bn" for layer in layers):
+        layers.append(Layer("bn", channels))
+    n_bn = sum(layer.kind == "bn" for layer in layers)
+    eps = tuple(draw(st.floats(1e-6, 1e-3)) for _ in range(n_bn))
+    var_lo = draw(st.sampled_from([1e-6, 1e-4, 1e-2]))
+    stack = Stack(dims, draw(st.integers(1, 2)), cin, size, layers, draw(st.integers(0, 2**32 - 1)), var_lo, eps)
+    return stack
+
+
+@settings(max_examples=FP32_EXAMPLES, **COMMON)
+@given(stack_and_size())
+def test_random_fp32_stacks_fold_exactly(stack):
+    check_stack(stack, stack.size, np.float32)
+
+
+@settings(max_examples=FP16_EXAMPLES, **COMMON)
+@given(stack_and_size(fp16=True))
+def test_random_fp16_conv_bn_folds_within_fp16_tolerance(stack):
+    check_stack(stack, stack.size, np.float16)
+
+
+def test_expected_folds_rule():
+    conv0 = Layer("conv", 4, pads=(0, 0))
+    conv1 = Layer("conv", 4, pads=(1, 0))
+    convt = Layer("convT", 4, pads=(0, 0))
+    bn = Layer("bn", 4)
+
+    def folds(*layers):
+        return Stack(1, 1, 4, (5,), list(layers), 0, 1e-6, ()).expected_folds()
+
+    assert folds(bn, conv0) == 1
+    assert folds(bn, bn, conv0, bn) == 3
+    assert folds(bn, conv1, bn) == 1
+    assert folds(bn, convt, bn, bn) == 2
+    assert folds(bn) == 0
+    assert folds(conv1, bn, conv1, bn) == 2
