@@ -42,7 +42,7 @@ _DEFAULT_EPSILON = {"BatchNorm": 1e-5, "LayerNorm": 1e-5, "RMSNorm": None, "Inst
 
 @dataclass
 class Site:
-    """One normalization: its kind, the nodes that spell it, and its parameters."""
+    """One normalization site as `normfold inspect` shows it (plain data, stable JSON)."""
 
     kind: str
     name: str
@@ -56,7 +56,47 @@ class Site:
     passes: dict[str, str] = field(default_factory=dict)
 
 
-def find_sites(model: ir.Model) -> list[Site]:
+@dataclass
+class NormSite:
+    """One normalization site in the graph: the nodes that spell it and the values it connects.
+
+    `x` is the normalized input (before any Cast wrapper), `y` the final output (after the affine
+    and any Cast back); `gamma`/`beta` are the affine operands, None when absent.
+    """
+
+    kind: str
+    spelling: str
+    nodes: list[ir.Node]
+    x: ir.Value
+    y: ir.Value
+    axis: int | list[int] | None
+    epsilon: float | None
+    gamma: ir.Value | None = None
+    beta: ir.Value | None = None
+
+    @property
+    def name(self) -> str:
+        return node_label(self.nodes[0])
+
+    @property
+    def fused(self) -> bool:
+        return len(self.nodes) == 1
+
+    def describe(self) -> Site:
+        return Site(
+            kind=self.kind,
+            name=self.name,
+            spelling=self.spelling,
+            nodes=[node_label(n) for n in self.nodes],
+            axis=self.axis,
+            epsilon=self.epsilon,
+            dtype=_dtype(self.x) or _dtype(self.y) or _dtype(self.gamma),
+            input=self.x.name if self.x is not None else "",
+            output=self.y.name,
+        )
+
+
+def find_sites(model: ir.Model) -> list[NormSite]:
     """Every normalization site of every graph, in graph order."""
     sites = []
     for graph in model.graphs():
@@ -73,7 +113,7 @@ def inspect(model: ir.Model) -> list[dict]:
     from normfold.pipeline import run_passes, snapshot
     from normfold.passes import PASSES
 
-    sites = find_sites(model)
+    sites = [site.describe() for site in find_sites(model)]
     for cls in PASSES.values():
         handled = [s for s in sites if s.kind in cls.handles]
         if not handled:
@@ -86,23 +126,25 @@ def inspect(model: ir.Model) -> list[dict]:
     return [asdict(s) for s in sites]
 
 
-def _fused_site(node: ir.Node) -> Site | None:
+def _fused_site(node: ir.Node) -> NormSite | None:
     domain = "" if node.domain == "ai.onnx" else node.domain
     kind = FUSED_KINDS.get((domain, node.op_type))
     if kind is None:
         return None
     default_axis = 1 if kind in ("BatchNorm", "InstanceNorm", "GroupNorm") else -1
-    x = node.inputs[0]
-    return Site(
+    skip = 2 if node.op_type.startswith("Skip") else 1  # Skip*Norm: (input, skip, gamma, beta, bias)
+    gamma = node.inputs[skip] if len(node.inputs) > skip else None
+    beta = node.inputs[skip + 1] if kind == "LayerNorm" and len(node.inputs) > skip + 1 else None
+    return NormSite(
         kind=kind,
-        name=node_label(node),
         spelling=node.op_type if not domain else f"{domain}.{node.op_type}",
-        nodes=[node_label(node)],
+        nodes=[node],
+        x=node.inputs[0],
+        y=node.outputs[0],
         axis=node.attributes.get_int("axis", default_axis),
         epsilon=_as_float32_text(node.attributes.get_float("epsilon", _DEFAULT_EPSILON[kind])),
-        dtype=_dtype(x) or _dtype(node.inputs[1] if len(node.inputs) > 1 else None),
-        input=x.name if x is not None else "",
-        output=node.outputs[0].name,
+        gamma=gamma if kind in ("LayerNorm", "RMSNorm") else None,
+        beta=beta,
     )
 
 
@@ -126,7 +168,7 @@ def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site 
                 mean.attributes.get_int("keepdims", 1) == 1:
             kind, x = "LayerNorm", centre.inputs[0]
             nodes = [mean, centre, *nodes]
-    output, affine = _affine_tail(normalized, model)
+    output, gamma, beta, affine = _affine_tail(normalized, kind, model)
     nodes += affine
     cast_in = x.producer()
     if _is_op(cast_in, "Cast"):
@@ -136,16 +178,16 @@ def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site 
         nodes.append(cast_out)
         output = cast_out.outputs[0]
     covered.update(id(n) for n in nodes)
-    return Site(
+    return NormSite(
         kind=kind,
-        name=node_label(nodes[0]),
         spelling="decomposed: " + " ".join(n.op_type for n in nodes),
-        nodes=[node_label(n) for n in nodes],
+        nodes=nodes,
+        x=x,
+        y=output,
         axis=axes[0] if len(axes) == 1 else axes,
         epsilon=eps,
-        dtype=_dtype(x) or _dtype(normalized),
-        input=x.name,
-        output=output.name,
+        gamma=gamma,
+        beta=beta,
     )
 
 
@@ -180,19 +222,31 @@ def _normalize_tail(variance: ir.Node, d: ir.Value, model: ir.Model):
     return None, None, []
 
 
-def _affine_tail(normalized: ir.Value, model: ir.Model) -> tuple[ir.Value, list[ir.Node]]:
-    """Absorbs a following Mul by a constant gamma and Add of a constant beta."""
-    nodes, value = [], normalized
-    for op in ("Mul", "Add"):
+def _affine_tail(normalized: ir.Value, kind: str, model: ir.Model):
+    """Absorbs a following Mul by a constant gamma (and, for LayerNorm, Add of a constant beta) whose
+    shape is (d,) or (1, ..., 1, d): a per-position constant is not a norm's affine and stays outside.
+    Returns (output, gamma, beta, nodes)."""
+    nodes, value, operands = [], normalized, {"Mul": None, "Add": None}
+    for op in ("Mul", "Add") if kind == "LayerNorm" else ("Mul",):
         user = _single_user(value)
         if not _is_op(user, op):
             break
         other = user.inputs[1] if user.inputs[0] is value else user.inputs[0]
-        if constant(other, model).array is None:
+        array = constant(other, model).array
+        if array is None or not _per_channel(array, normalized):
             break
         nodes.append(user)
+        operands[op] = other
         value = user.outputs[0]
-    return value, nodes
+    return value, operands["Mul"], operands["Add"], nodes
+
+
+def _per_channel(array: np.ndarray, value: ir.Value) -> bool:
+    """True for a (d,)-like constant: every axis but the last has size 1 (d checked when known)."""
+    if array.ndim == 0 or any(n != 1 for n in array.shape[:-1]):
+        return False
+    width = value.shape[-1] if value.shape is not None and len(value.shape) else None
+    return not isinstance(width, int) or array.shape[-1] == width
 
 
 def _reduce_axes(node: ir.Node, model: ir.Model) -> list[int] | None:

@@ -127,16 +127,37 @@ def initializer_bytes(model: onnx.ModelProto, name: str) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
+def all_tensor_protos(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every TensorProto of a model: initializers and attributes, in every graph, subgraph and function."""
+    found: list[onnx.TensorProto] = []
+
+    def nodes(node_list):
+        for node in node_list:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    found.append(attr.t)
+                found.extend(attr.tensors)
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    graph(g)
+
+    def graph(g):
+        found.extend(g.initializer)
+        nodes(g.node)
+
+    graph(proto.graph)
+    for function in proto.functions:
+        nodes(function.node)
+    return found
+
+
 def external_locations(path: Path) -> set[str]:
     """The `location` of every external tensor in the model file (initializers, attributes, functions)."""
-    from normfold.validate import iter_tensor_protos
-
     proto = onnx.load(str(path), load_external_data=False)
-    found = set()
-    for _label, tensor in iter_tensor_protos(proto):
-        if tensor.data_location == TensorProto.EXTERNAL:
-            found.add(next(e.value for e in tensor.external_data if e.key == "location"))
-    return found
+    return {
+        next(e.value for e in tensor.external_data if e.key == "location")
+        for tensor in all_tensor_protos(proto)
+        if tensor.data_location == TensorProto.EXTERNAL
+    }
 
 
 def listing(directory: Path) -> dict[str, tuple[int, int]]:

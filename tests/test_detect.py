@@ -12,7 +12,7 @@ from toy_models import conv_bn, decomposed_norm
 
 
 def sites_of(proto: onnx.ModelProto) -> list[detect.Site]:
-    return detect.find_sites(io.from_proto(proto))
+    return [site.describe() for site in detect.find_sites(io.from_proto(proto))]
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])

@@ -494,7 +494,7 @@ def test_model_over_2gb_round_trips(tmp_path):
                 digest.update(block)
                 f.write(block)
             digests.append(digest.hexdigest())
-            tensor = helper.make_tensor(f"w{i}", TensorProto.FLOAT, [count], vals=[])
+            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[count])
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in {"location": "big.onnx.data", "offset": str(offset), "length": str(count * 4)}.items():
                 entry = tensor.external_data.add()
