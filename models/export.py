@@ -4,16 +4,25 @@ The dynamo exporter runs with ``optimize=False`` because its onnxscript
 optimizer fuses BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
 The TorchScript exporter runs with ``training=PRESERVE`` and constant folding
 off for the same reason.
+
+LayerNorm spelling: the dynamo exporter emits LayerNormalization; the
+TorchScript exporter emits LayerNormalization from opset 17 and the
+decomposed ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) below it.
+Integer inputs (token ids, masks) keep their dtype; ``dtype="float16"``
+exports a half-precision copy of the module on float16 example inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,6 +32,7 @@ from . import build
 from . import example_inputs as seeded_inputs
 
 EXPORTERS = ("dynamo", "torchscript")
+DTYPES = ("float32", "float16")
 
 
 def to_onnx(
@@ -33,16 +43,24 @@ def to_onnx(
     opset: int = 18,
     exporter: str = "dynamo",
     dynamic_batch: bool = False,
+    dtype: str = "float32",
 ) -> onnx.ModelProto:
     """Export ``module`` traced on ``example_inputs``; save to ``path`` if given.
 
     Inputs are named ``input`` (or ``input_0``, ``input_1``, ...) and outputs
     ``output``. Shapes are static unless ``dynamic_batch`` makes dim 0 of
-    every input the symbolic ``batch``.
+    every input the symbolic ``batch``. ``dtype="float16"`` exports a
+    ``.half()`` copy of ``module`` (``module`` itself is left alone) with its
+    floating-point inputs cast to float16; integer inputs keep their dtype.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     args = tuple(torch.as_tensor(x) for x in example_inputs)
+    if dtype == "float16":
+        module = copy.deepcopy(module).half()
+        args = tuple(a.half() if a.is_floating_point() else a for a in args)
     names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     with _quiet():
         if exporter == "dynamo":
@@ -62,28 +80,37 @@ def build_onnx(
     opset: int = 18,
     exporter: str = "dynamo",
     dynamic_batch: bool = False,
+    dtype: str = "float32",
+    **size_kwargs: Any,
 ) -> onnx.ModelProto:
-    """Build the registered model ``name`` from ``seed`` and export it."""
-    module = build(name, seed)
-    inputs = seeded_inputs(name, seed)
-    return to_onnx(module, inputs, path, opset=opset, exporter=exporter, dynamic_batch=dynamic_batch)
+    """Build the registered model ``name`` from ``seed`` and export it.
+
+    ``size_kwargs`` go to the factory; their ``seq`` and ``vocab`` (token
+    models) also shape the example inputs. ``dtype`` as for :func:`to_onnx`.
+    """
+    module = build(name, seed, **size_kwargs)
+    inputs = seeded_inputs(name, seed, seq=size_kwargs.get("seq"), vocab=size_kwargs.get("vocab"))
+    return to_onnx(
+        module, inputs, path, opset=opset, exporter=exporter, dynamic_batch=dynamic_batch, dtype=dtype
+    )
 
 
 def _export_dynamo(
     module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str], opset: int, dynamic_batch: bool
 ) -> onnx.ModelProto:
     dynamic_shapes = tuple({0: "batch"} for _ in args) if dynamic_batch else None
-    program = torch.onnx.export(
-        module,
-        args,
-        dynamo=True,
-        optimize=False,
-        opset_version=opset,
-        input_names=names,
-        output_names=["output"],
-        dynamic_shapes=dynamic_shapes,
-        verbose=False,
-    )
+    with _cached_torchlib_registry():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            optimize=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=["output"],
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
     model = program.model_proto
     _fix_conv3d_zero_bias(model)
     return model
@@ -135,6 +162,43 @@ def _fix_conv3d_zero_bias(model: onnx.ModelProto) -> None:
         used = {name for n in graph.node for name in n.input} | {out.name for out in graph.output}
         if not used.intersection(node.output):
             graph.node.remove(node)
+
+
+@functools.cache
+def _torchlib_registry(build: Callable[..., Any], opset_version: int) -> Any:
+    return build(opset_version=opset_version)
+
+
+@contextlib.contextmanager
+def _cached_torchlib_registry() -> Iterator[None]:
+    """Reuse the dynamo exporter's operator registry across exports.
+
+    ``torch.onnx.export(dynamo=True)`` rebuilds it from onnxscript's torchlib
+    on every call (about 2.5 s: ``inspect.getsource`` on ~500 functions),
+    which dominates exporting a small model. Export only reads the registry
+    (we pass no ``custom_translation_table``), so one per opset is kept. A
+    torch without the private hook exports uncached.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_cls = _registration.ONNXRegistry
+        original = registry_cls.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+    build = original.__get__(None, registry_cls)
+
+    def from_torchlib(cls: type, opset_version: int | None = None) -> Any:
+        if opset_version is None:
+            return build()
+        return _torchlib_registry(build, opset_version)
+
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_cls.from_torchlib = original
 
 
 @contextlib.contextmanager

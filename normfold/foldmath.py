@@ -66,3 +66,18 @@ def affine_after_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndar
     if bias is None:
         return shift.copy()
     return scale * np.asarray(bias, dtype=np.float64) + shift
+
+
+def recentre(array: np.ndarray, *, axis: int, width: int | None = None) -> np.ndarray:
+    """a - mean_axis(a): every slice along `axis` made zero-mean (float64).
+
+    A size-1 axis is first broadcast to `width` (a constant added uniformly along the width becomes 0).
+    Applied to a weight along its output axis, y = x W' gives y - mean(y) 1 for every x:
+    W' = W - (1/d) W 1 1^T for y = x W, the paper's A' = A - (1/d) 1 1^T A for y = A x.
+    """
+    array = np.asarray(array, dtype=np.float64)
+    if width is not None and array.shape[axis] == 1 and width > 1:
+        shape = list(array.shape)
+        shape[axis] = width
+        array = np.broadcast_to(array, shape)
+    return array - array.mean(axis=axis, keepdims=True)

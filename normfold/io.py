@@ -84,7 +84,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     model_dir = Path(os.path.abspath(path.parent))
     _set_base_dir(model, model_dir)
     check_external_data(model, model_dir)
-    validate_model(model, name=str(path))
+    validate_model(model, name=str(path), check_tensors=False)
     _record_sources(model, [path])
     return model
 
@@ -101,7 +101,7 @@ def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None
         _record_sources(model, [])
     elif any(True for _ in external_tensors(model)):
         raise InputError("the model has external data but no base directory was given")
-    validate_model(model, name=name)
+    validate_model(model, name=name, check_tensors=False)
     return model
 
 
@@ -370,10 +370,7 @@ def _check_written_locations(model_file: Path, data_name: str) -> None:
 
 
 def _make_durable(file: Path) -> None:
-    """Flushes a written file to disk and gives it the permissions a newly created file would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(file, 0o666 & ~umask)
+    """Flushes a written file to disk before it is renamed into place."""
     fd = os.open(file, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from normfold import io
 from normfold.constants import LEGACY_INPUT_INITIALIZERS_IR
@@ -54,6 +55,7 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
     """Runs `passes` to a bounded fixed point, then removes what they orphaned; returns the report."""
     report = Report(passes=[PassReport(p.name) for p in passes], ops_before=op_counts(model))
     unused_before = _unused(model)
+    unannotated = _infer_shapes(model) if any(p.needs_shapes for p in passes) else []
     for _ in range(MAX_ITERATIONS):
         changed = False
         for p, entry in zip(passes, report.passes):
@@ -67,8 +69,24 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
         if not changed:
             break
     remove_orphans(model, unused_before)
+    for value in unannotated:
+        value.shape, value.type = None, None
     report.ops_after = op_counts(model)
     return report
+
+
+def _infer_shapes(model: ir.Model) -> list[ir.Value]:
+    """Annotates values with onnx's inferred shapes; returns those that had none, to strip them again
+    at the end, so the saved model's value_info stays as the user had it."""
+    bare = [v for v in _all_values(model) if v.shape is None or v.type is None]
+    ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+    return [v for v in bare if v.shape is not None or v.type is not None]
+
+
+def _all_values(model: ir.Model):
+    for graph in model.graphs():
+        for node in graph:
+            yield from node.outputs
 
 
 def convert(

@@ -24,6 +24,8 @@ class NormPass(ir.passes.InPlacePass):
     tolerance_class: ClassVar[str] = "fold"
     """Which row of the verification tolerance table this pass's rewrites need (see normfold.verification)."""
     summary: ClassVar[str] = ""
+    needs_shapes: ClassVar[bool] = False
+    """Whether the pipeline must annotate inferred shapes before this pass runs (stripped afterwards)."""
     handles: ClassVar[tuple[str, ...]] = ()
     """The site kinds (normfold.detect) this pass rewrites, for `normfold inspect`."""
 
@@ -84,12 +86,17 @@ def only_consumer(value: ir.Value, node: ir.Node) -> bool:
 
 
 def bypass(node: ir.Node, replacement: ir.Value) -> None:
-    """Makes every reader of the node's first output read `replacement` instead, then drops the node.
+    """Makes every reader of the node's first output read `replacement` instead, then drops the node."""
+    replace_value(node.outputs[0], replacement)
+    node.graph.remove(node, safe=True)
 
-    If that output is a graph output, `replacement` takes over its name, type and shape so the graph's
+
+def replace_value(old: ir.Value, replacement: ir.Value) -> None:
+    """Every reader of `old` reads `replacement` instead.
+
+    If `old` is a graph output, `replacement` takes over its name, type and shape so the graph's
     interface is unchanged.
     """
-    old = node.outputs[0]
     if old.is_graph_output():
         name = old.name
         ir.convenience.replace_all_uses_with(old, replacement, replace_graph_outputs=True)
@@ -99,4 +106,3 @@ def bypass(node: ir.Node, replacement: ir.Value) -> None:
         replacement.shape = old.shape or replacement.shape
     else:
         ir.convenience.replace_all_uses_with(old, replacement)
-    node.graph.remove(node, safe=True)

@@ -175,8 +175,12 @@ def _check_external_entries(tensor: onnx.TensorProto, label: str) -> None:
 # onnx-ir level
 
 
-def validate_model(model: ir.Model, *, name: str) -> None:
-    """Raises InputError with one clear line if `model` is structurally unusable."""
+def validate_model(model: ir.Model, *, name: str, check_tensors: bool = True) -> None:
+    """Raises InputError with one clear line if `model` is structurally unusable.
+
+    `check_tensors=False` skips the initializer size check, for a model whose protobuf already passed
+    `validate_proto` (it would read every tensor's bytes a second time).
+    """
     if model.ir_version > onnx.IR_VERSION:
         raise InputError(
             f"{name}: ir_version {model.ir_version} is newer than this onnx package supports ({onnx.IR_VERSION})"
@@ -192,7 +196,8 @@ def validate_model(model: ir.Model, *, name: str) -> None:
         raise InputError(f"{name}: opset {opset} is too old (need >= {MIN_OPSET})")
     for graph in model.graphs():
         _check_defined(graph, name)
-        _check_initializer_sizes(graph, name)
+        if check_tensors:
+            _check_initializer_sizes(graph, name)
     _check_acyclic(model.graph, name)
 
 

@@ -1,7 +1,8 @@
 """The rewrite passes, one rewrite per module; `PASSES` maps each pass name to its class."""
 
 from normfold.passes.fold_batchnorm import FoldBatchNorm
+from normfold.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 
-PASSES = {cls.name: cls for cls in (FoldBatchNorm,)}
+PASSES = {cls.name: cls for cls in (FoldBatchNorm, LayerNormToRMSNorm)}
 
-__all__ = ["PASSES", "FoldBatchNorm"]
+__all__ = ["PASSES", "FoldBatchNorm", "LayerNormToRMSNorm"]

@@ -179,16 +179,16 @@ def _fold_after_matmul(bn: BatchNorm, producer: ir.Node, model: ir.Model) -> Non
         raise Refused(f"MatMul weight has rank {weight.ndim}, expected 2")
     _check_channels(bn, weight.shape[1], matmul)
     bias = None if add is None else _bias_vector(add, bias_index, model, weight.shape[1])
-    new_weight = foldmath.scale_channels(weight, bn.scale, axis=1)
-    new_bias = foldmath.affine_after_bias(bias, bn.scale, bn.shift)
-    _replace_input(matmul, 1, model, new_weight.astype(weight.dtype), "weight")
+    new_weight = _cast(foldmath.scale_channels(weight, bn.scale, axis=1), weight.dtype, "weight")
+    new_bias = _cast(foldmath.affine_after_bias(bias, bn.scale, bn.shift), weight.dtype, "bias")
+    _replace_input(matmul, 1, model, new_weight, "weight")
     if add is None:
-        shift = add_initializer(bn.node.graph, f"{bn.node.outputs[0].name}_shift", new_bias.astype(weight.dtype), model)
+        shift = add_initializer(bn.node.graph, f"{bn.node.outputs[0].name}_shift", new_bias, model)
         add_node = ir.node("Add", [matmul.outputs[0], shift], name=f"{bn.node.name or 'bn'}_folded_shift")
         bn.node.graph.insert_after(matmul, add_node)
         bypass(bn.node, add_node.outputs[0])
     else:
-        _replace_input(add, bias_index, model, new_bias.astype(weight.dtype), "bias")
+        _replace_input(add, bias_index, model, new_bias, "bias")
         bypass(bn.node, add.outputs[0])
 
 
@@ -251,8 +251,18 @@ def _bias_vector(add: ir.Node, index: int, model: ir.Model, channels: int) -> np
 
 def _set_weights(node, model, *, weight_index, weight, bias_index, bias, dtype) -> None:
     """Points the node at new initializers holding `weight` and `bias`, cast once to `dtype`."""
-    _replace_input(node, weight_index, model, weight.astype(dtype), "weight")
-    _replace_input(node, bias_index, model, bias.astype(dtype), "bias")
+    weight, bias = _cast(weight, dtype, "weight"), _cast(bias, dtype, "bias")
+    _replace_input(node, weight_index, model, weight, "weight")
+    _replace_input(node, bias_index, model, bias, "bias")
+
+
+def _cast(array: np.ndarray, dtype: np.dtype, role: str) -> np.ndarray:
+    """The float64 result cast to the model's dtype; refuses values the dtype cannot hold."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise Refused(f"the folded {role} overflows {np.dtype(dtype).name}")
+    return cast
 
 
 def _replace_input(node: ir.Node, index: int, model: ir.Model, array: np.ndarray, role: str) -> None:

@@ -257,15 +257,21 @@ def test_cli_convert_with_explicit_output_writes_nothing(tmp_path, capsys):
     assert listing(tmp_path) == before
 
 
-@pytest.mark.parametrize("case", ["random-bytes", "truncated", "cycle", "missing", "huge-dims"])
-def test_installed_command_prints_no_traceback(tmp_path, good, case):
+@pytest.mark.parametrize(("case", "command"), [
+    ("random-bytes", "convert"), ("truncated", "inspect"), ("cycle", "verify-reference"),
+    ("huge-dims", "verify-candidate"), ("missing", "convert"), ("deep-protobuf", "inspect"),
+])
+def test_installed_command_prints_no_traceback(tmp_path, good, case, command):
+    """The real `normfold` executable (a separate process: one line, no traceback, exit 2)."""
     (tmp_path / "in").mkdir()
     path = _broken(case, tmp_path / "in")
+    args = {"convert": ["convert", path], "inspect": ["inspect", path],
+            "verify-reference": ["verify", path, good], "verify-candidate": ["verify", good, path]}[command]
     before = listing(tmp_path)
-    for args in (["convert", path], ["inspect", path], ["verify", path, good], ["verify", good, path]):
-        result = run_normfold(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        _one_error_line(result.stderr, CORPUS[case])
+    result = run_normfold(*args)
+    assert result.returncode == 2, result.stderr
+    _one_error_line(result.stderr, CORPUS[case])
+    assert result.stdout == ""
     assert listing(tmp_path) == before
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -368,6 +369,16 @@ def test_cli_convert_with_external_data_writes_its_own(external_model, tmp_path,
     assert code == 0, capsys.readouterr().err
     assert external_locations(out) == {"c.onnx.data"}
     assert sorted(p.name for p in out.parent.iterdir()) == ["c.onnx", "c.onnx.data"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in out.parent.iterdir():  # ordinary permissions, not the temporary directory's 0700
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.xfail(reason="pipeline.snapshot loses ExternalTensor.base_dir (reported to the lead)", strict=False)
+def test_cli_inspect_external_model_from_another_directory(external_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["inspect", str(external_model)]) == 0, capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,7 +640,7 @@ def test_load_refuses_unsafe_external_data_before_reading(tmp_path, case):
     assert touched == [], f"opened {touched} while loading {model_dir}"
 
 
-@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink-out", "hardlink-out", "missing", "length-mismatch"])
+@pytest.mark.parametrize("case", UNSAFE_CASES)
 @pytest.mark.parametrize("command", ["convert", "inspect", "verify-reference", "verify-candidate"])
 def test_cli_refuses_unsafe_external_data(tmp_path, capsys, case, command):
     path, _, word = _unsafe_case(tmp_path, case)

@@ -438,6 +438,32 @@ def test_shared_conv_weight_is_not_changed_under_the_other_conv():
     np.testing.assert_array_equal(after["B"], before["B"])
 
 
+def test_shared_conv_weight_with_a_bn_after_each_conv_gets_two_folded_copies():
+    g = GraphBuilder(seed=19)
+    x = g.input("x", [2, 4, 7, 7])
+    w = g.init("W", g.random([6, 4, 3, 3]))
+    g.output(g.bn(g.node("Conv", [x, w], name="conv1"), 6, output="y1"))
+    g.output(g.bn(g.node("Conv", [x, w], name="conv2"), 6, output="y2"))
+    folded, _ = assert_folds(bg.Case("shared-weight-two-bns", g.build(), 2))
+    nodes = {n.name: n for n in folded.graph.node}
+    assert len({nodes["conv1"].input[1], nodes["conv2"].input[1], "W"}) == 3
+    assert "W" not in initializers(folded)  # orphaned and removed
+
+
+def test_bn_falls_back_to_folding_into_its_consumer():
+    """Conv1 -> BN -> Conv2 (unpadded), Conv1's output also read by a Relu: BN cannot fold into Conv1,
+    so it folds forward into Conv2."""
+    g = GraphBuilder(seed=39)
+    h = g.node("Conv", [g.input("x", [2, 3, 9, 9]), g.init("W1", g.random([4, 3, 3, 3]))], outputs=["c1"],
+               name="conv1")
+    g.output(g.node("Relu", [h], outputs=["r"]))
+    g.output(g.node("Conv", [g.bn(h, 4), g.init("W2", g.random([5, 4, 3, 3]))], outputs=["y"], name="conv2",
+                    strides=[2, 2]))
+    folded, _ = assert_folds(bg.Case("fallback-to-consumer", g.build(), 1))
+    nodes = {n.name: n for n in folded.graph.node}
+    assert nodes["conv1"].input[1] == "W1" and nodes["conv2"].input[0] == "c1"
+
+
 def test_shared_gemm_weight_is_not_changed_under_the_other_gemm():
     g = GraphBuilder(seed=14)
     a = g.input("A", [5, 7])
@@ -462,6 +488,54 @@ def test_shared_weight_with_bn_before_one_conv():
     np.testing.assert_array_equal(initializers(folded)["W"], initializers(proto)["W"])
 
 
+def test_weight_initializer_that_is_also_a_graph_output_is_kept():
+    """The conv weight is exported as a graph output too: it must stay, unchanged, under its name."""
+    g = GraphBuilder(seed=17)
+    w = g.init("W", g.random([6, 4, 3, 3]))
+    g.output(g.bn(g.node("Conv", [g.input("x", [2, 4, 7, 7]), w], name="conv"), 6, output="y"))
+    g.output("W")
+    proto = g.build()
+    folded, _ = assert_folds(bg.Case("weight-is-graph-output", proto, 1))
+    assert [o.name for o in folded.graph.output] == ["y", "W"]
+    np.testing.assert_array_equal(initializers(folded)["W"], initializers(proto)["W"])
+
+
+@pytest.mark.parametrize("builder", [bg.conv_bn, bg.matmul_bn, bg.gemm_bn, bg.bn_conv], ids=lambda b: b.__name__)
+def test_dynamic_batch_dimension_folds(builder):
+    """A symbolic batch dim: the fold needs no shapes, verification is given them explicitly."""
+    case = builder()
+    proto = onnx.ModelProto()
+    proto.CopyFrom(case.model)
+    x = proto.graph.input[0]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+    x.type.tensor_type.shape.dim[0].dim_param = "N"
+    for out in proto.graph.output:
+        out.type.tensor_type.shape.dim[0].dim_param = "N"
+    model, report = normfold.convert(from_proto(proto), passes=["fold-batchnorm"], shapes={x.name: [3, *shape[1:]]})
+    assert report.applied == 1 and report.verification["passed"]
+    assert report.verification["input_shapes"][x.name][0] == 3
+
+
+def test_fp16_fold_never_writes_non_finite_weights():
+    """s = gamma / sqrt(var + eps) = 60 / 1e-3 = 6e4 and |W| = 2: the folded fp16 weight 1.2e5 overflows
+    to inf, although the original is finite wherever |x| < 0.5 (e.g. 120 at x = 1e-3). An exact pass
+    must refuse (or keep the BN) rather than write inf weights."""
+    g = GraphBuilder(dtype=F16, seed=18)
+    w = np.array([[[[2.0]], [[0.5]]], [[[0.25]], [[-1.0]]]], F16)  # (2, 2, 1, 1)
+    h = g.node("Conv", [g.input("x", [1, 2, 3, 3]), g.init("W", w)], name="conv")
+    params = bg.BNParams(np.array([60, 1], F16), np.array([0.5, 0], F16), np.zeros(2, F16), np.zeros(2, F16), 1e-6)
+    g.output(g.bn(h, 2, params=params, output="y", name="bn"))
+    proto = g.build()
+    small = {"x": np.full([1, 2, 3, 3], 1e-3, F16)}
+    assert np.all(np.isfinite(bg.run(proto, small)["y"]))
+    with np.errstate(over="ignore"):
+        folded, report = fold(proto)
+    for name, array in initializers(folded).items():
+        assert np.all(np.isfinite(array)), f"folded initializer {name} has non-finite values: {array.ravel()}"
+    if report.passes[0].applied:
+        bg.assert_close(bg.run(folded, small)["y"], bg.run(proto, small)["y"], F16)
+
+
 GRAPH_OUTPUT_CASES = [bg.conv_bn(), bg.conv_transpose_bn(groups=2), bg.gemm_bn(c_shape="N"), bg.matmul_bn(),
                       bg.matmul_bn(bias="N")]
 
@@ -478,8 +552,8 @@ def test_bn_output_that_is_a_graph_output_keeps_its_name(case):
 def test_bn_output_that_is_a_graph_output_keeps_its_type(case):
     """The renamed graph output must keep its declared elem type and shape (onnx.checker needs the type).
 
-    BUG (normfold.rewrite.bypass): the replacement value takes the output's name but not its type,
-    so when the producer's output has no value_info the folded graph output has no type at all.
+    Regression: bypass() once gave the replacement value the output's name but not its type, so when
+    the producer's output had no value_info the folded graph output had no type at all.
     """
     folded, _ = fold(case.model)
     assert folded.graph.output[0].type == case.model.graph.output[0].type, folded.graph.output[0]
@@ -507,8 +581,8 @@ def test_folded_model_passes_onnx_checker(case):
 
 
 def test_ir3_folded_model_lists_its_new_initializers_as_inputs():
-    """BUG: at IR 3 every initializer must also be a graph input; the folded weights are not listed,
-    so onnx.checker rejects the result ("W_folded in initializer but not in graph input")."""
+    """At IR 3 every initializer must also be a graph input. Regression: the folded weights were not
+    listed, so onnx.checker rejected the result ("W_folded in initializer but not in graph input")."""
     folded, report = fold(_legacy_conv_bn(opset=8))
     assert report.passes[0].applied == 1
     assert {t.name for t in folded.graph.initializer} <= {i.name for i in folded.graph.input}
@@ -666,10 +740,10 @@ def test_matmul_on_3d_input_is_not_folded(with_bias):
 
 
 def test_matmul_add_bias_that_raises_the_rank_is_not_folded():
-    """BUG: x (4, 3) @ W (3, 4) + b (1, 1, 4) is 3-D (1, 4, 4); BN's channel axis 1 is then the MatMul's
-    row axis, which happens to have 4 entries too. The pass checks only that x is 2-D and that b has
-    4 entries, folds along the wrong axis and drops the broadcast rank: the result has shape (4, 4)
-    instead of (1, 4, 4) and wrong values (normfold.convert raises VerificationError, max abs err inf).
+    """x (4, 3) @ W (3, 4) + b (1, 1, 4) is 3-D (1, 4, 4); BN's channel axis 1 is then the MatMul's
+    row axis, which happens to have 4 entries too. Regression: the pass checked only that x is 2-D and
+    that b has 4 entries, folded along the wrong axis and dropped the broadcast rank (result (4, 4)
+    instead of (1, 4, 4), wrong values).
     """
     g = GraphBuilder(seed=3)
     h = g.node("MatMul", [g.input("x", [4, 3]), g.init("W", g.random([3, 4]))], name="matmul")
@@ -677,7 +751,7 @@ def test_matmul_add_bias_that_raises_the_rank_is_not_folded():
     g.output(g.bn(h, 4, output="y", name="bn"))
     proto = g.build()
     assert proto.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1  # (1, 4, 4)
-    assert_unchanged(proto)
+    assert_unchanged(proto, "[1, 1, 4]")
 
 
 def test_matmul_on_reshaped_3d_input_is_not_folded():

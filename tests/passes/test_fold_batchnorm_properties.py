@@ -12,8 +12,9 @@ Which BNs must fold is predicted independently: a BN whose chain of preceding BN
 or ConvTranspose folds after it; a run of BNs at the graph input folds only into a following Conv
 that reads no padding.
 
-Example counts: 300 fp32 stacks + 100 fp16 layers in CI (about 10 s). Set NORMFOLD_LONG=1 for a long run of 10000
-examples per property (NORMFOLD_LONG=1 pytest tests/passes/test_fold_batchnorm_properties.py).
+Example counts: 300 fp32 stacks + 100 fp16 layers in CI (about 10 s on 2 cores). Long mode: with
+NORMFOLD_LONG=1 each property runs 10000 examples
+(NORMFOLD_LONG=1 pytest tests/passes/test_fold_batchnorm_properties.py, several minutes).
 A failure prints the falsifying example and a reproduction blob (@reproduce_failure).
 """
 
@@ -132,7 +133,7 @@ def fitting_layer(draw, kind: str, dims: int, cin: int, size: tuple):
 
 @st.composite
 def stacks(draw, fp16: bool = False):
-    """1-4 layers with at least one Conv/ConvTranspose and at least one BN.
+    """1-5 layers with at least one Conv/ConvTranspose and at least one BN.
 
     fp16: a single Conv/ConvTranspose with a BN after or before it, so the folded scales stay in
     fp16's range.
@@ -214,7 +215,8 @@ def check_stack(stack: Stack, dtype) -> None:
     event(f"{stack.dims}-D, {len(stack.layers)} layers, {folds} of {n_bn} BNs fold")
     for layer in stack.layers:
         if layer.kind != "bn":
-            event(f"{layer.kind} {'depthwise' if layer.groups == layer.cout and layer.groups > 1 else 'grouped' if layer.groups > 1 else 'dense'}")
+            grouping = "dense" if layer.groups == 1 else "groups=C_out" if layer.groups == layer.cout else "grouped"
+            event(f"{layer.kind} {grouping}")
     if stack.layers[0].kind == "bn" and folds == n_bn:
         event("BN before a Conv folded")
     assert report.passes[0].applied == folds, report.summary_lines()

@@ -1,0 +1,112 @@
+"""Emission of normalization ops in the form the target runtime runs best.
+
+RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma (+ beta), over the last axis, statistics in float32:
+
+  target "onnx", opset >= 23   RMSNormalization(x, gamma, axis=-1, epsilon, stash_type=1) [+ Add beta]
+  target "onnx", opset < 23    Mul(x, x) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [-> Mul gamma]
+                               [-> Add beta]: standard ONNX, and the spelling onnxruntime fuses
+  target "ort"                 SimplifiedLayerNormalization(x, gamma, axis=-1, epsilon) [+ Add beta]:
+                               onnxruntime's own kernel, which it also fuses with a preceding Add into
+                               SkipSimplifiedLayerNormalization (fails onnx.checker: not standard ONNX)
+
+Float16/bfloat16 inputs are cast to float32 around the statistics in the decomposed form, as
+LayerNormalization's stash_type=1 does. `centre` emits x - mean(x), the explicit recentring used
+where a writer cannot be folded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from normfold.rewrite import add_initializer
+from normfold.validate import default_opset
+
+TARGETS = ("auto", "onnx", "ort")
+RMS_OPSET = 23
+
+
+def resolve_target(target: str) -> str:
+    """'auto' means 'ort' when onnxruntime is installed (it runs the result), else 'onnx'."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    if target != "auto":
+        return target
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnx"
+    return "ort"
+
+
+class Emitter:
+    """Builds replacement nodes into `graph` just before `anchor`, so every input is already defined."""
+
+    def __init__(self, model: ir.Model, anchor: ir.Node, target: str = "onnx") -> None:
+        self.model = model
+        self.graph = anchor.graph
+        self.anchor = anchor
+        self.target = resolve_target(target)
+        self.opset = default_opset(model)
+        self._taken = {n.name for n in self.graph}
+
+    def node(self, op_type: str, inputs, attributes=None, domain: str = "", name: str = "") -> ir.Value:
+        node = ir.node(op_type, inputs, attributes or {}, domain=domain, name=self._name(name or op_type))
+        self.graph.insert_before(self.anchor, node)
+        return node.outputs[0]
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(self.graph, name, array, self.model)
+
+    def rmsnorm(self, x: ir.Value, *, epsilon: float, gamma: ir.Value | None, beta: ir.Value | None,
+                dtype: ir.DataType, name: str) -> ir.Value:
+        """RMSNorm of x over its last axis (see module docstring)."""
+        if self.target == "ort":
+            scale = gamma if gamma is not None else self._ones(x, dtype, name)
+            y = self.node("SimplifiedLayerNormalization", [x, scale], {"axis": -1, "epsilon": float(epsilon),
+                          "stash_type": 1}, name=f"{name}/rmsnorm")
+            return self.node("Add", [y, beta], name=f"{name}/beta") if beta is not None else y
+        if self.opset >= RMS_OPSET:
+            scale = gamma if gamma is not None else self._ones(x, dtype, name)
+            y = self.node("RMSNormalization", [x, scale], {"axis": -1, "epsilon": float(epsilon), "stash_type": 1},
+                          name=f"{name}/rmsnorm")
+            return self.node("Add", [y, beta], name=f"{name}/beta") if beta is not None else y
+        low_precision = dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        h = self.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}/to_float") if low_precision else x
+        square = self.node("Mul", [h, h], name=f"{name}/square")
+        mean = self.reduce_mean(square, name=f"{name}/mean_square")
+        eps = self.constant(f"{name}/epsilon", np.array(epsilon, dtype=np.float32 if low_precision else dtype.numpy()))
+        rms = self.node("Sqrt", [self.node("Add", [mean, eps], name=f"{name}/add_eps")], name=f"{name}/rms")
+        y = self.node("Div", [h, rms], name=f"{name}/normalize")
+        if low_precision:
+            y = self.node("Cast", [y], {"to": dtype}, name=f"{name}/to_input_type")
+        if gamma is not None:
+            y = self.node("Mul", [y, gamma], name=f"{name}/gamma")
+        if beta is not None:
+            y = self.node("Add", [y, beta], name=f"{name}/beta")
+        return y
+
+    def centre(self, x: ir.Value, name: str) -> ir.Value:
+        """x - mean(x) over the last axis."""
+        return self.node("Sub", [x, self.reduce_mean(x, name=f"{name}/mean")], name=f"{name}/centre")
+
+    def reduce_mean(self, x: ir.Value, name: str) -> ir.Value:
+        """ReduceMean over the last axis, keepdims=1, axes as attribute (opset < 18) or input."""
+        if self.opset >= 18:
+            axes = self.constant(f"{name}/axes", np.array([-1], dtype=np.int64))
+            return self.node("ReduceMean", [x, axes], {"keepdims": 1}, name=name)
+        return self.node("ReduceMean", [x], {"axes": [-1], "keepdims": 1}, name=name)
+
+    def _ones(self, x: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
+        width = x.shape[-1] if x.shape is not None else None
+        if not isinstance(width, int):
+            raise ValueError(f"the width of {x.name!r} is unknown")
+        return self.constant(f"{name}/ones", np.ones(width, dtype=dtype.numpy()))
+
+    def _name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name

@@ -1,0 +1,171 @@
+"""Recentring a value along its width axis: v' = v - mean_width(v) 1, folded into whatever computes it.
+
+Folding rules, applied from the value back to its producers:
+  constant              subtract its mean along the width axis (broadcast to the width first)
+  x @ W   (MatMul)      W' = W - mean over W's output columns       (each row of W recentred)
+  Gemm                  the output columns of op(B) likewise, and C
+  Conv (width = C_out)  W'[o] = W[o] - mean_o W[o],  b' = b - mean(b)
+  Gather(E, ids)        every row of the table E recentred
+  Add / Sub / Neg, Mul by a scalar constant, Identity, Dropout, Cast: recentre each data operand
+  Transpose, Reshape, Concat, Expand, Unsqueeze, Squeeze: follow the width axis to the operand
+Every intermediate on the way must have a single reader (else another reader would see the change);
+weights are replaced by new initializers, so a tied or shared weight is untied, never changed under
+its other users. `plan` only checks and records edits; nothing changes until they are applied, so a
+refusal leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from normfold import foldmath
+from normfold.constants import constant
+from normfold.rewrite import add_initializer
+from normfold.shapes import rank
+
+Edit = Callable[[], None]
+_PASS_THROUGH = {"Identity", "Dropout", "Cast", "Neg"}
+MAX_DEPTH = 32
+
+
+class NotFoldable(Exception):
+    """The value cannot be recentred by changing constants; the message says why."""
+
+
+def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = None) -> list[Edit]:
+    """Edits that recentre `value` along its last axis, for every reader (use=None) or one (node, index)."""
+    value_rank = rank(value, model)
+    width = value.shape[-1] if value.shape is not None and value_rank else None
+    if value_rank is None or not isinstance(width, int):
+        raise NotFoldable(f"the width (last dim) of {value.name!r} is unknown")
+    return _Planner(model, width).plan(value, value_rank - 1, value_rank, use, top=True, depth=0)
+
+
+class _Planner:
+    """Walks from a value to the constants that determine it, recording the edits."""
+
+    def __init__(self, model: ir.Model, width: int) -> None:
+        self.model = model
+        self.width = width
+
+    def plan(self, value, axis, value_rank, use, *, top, depth) -> list[Edit]:
+        if depth > MAX_DEPTH:
+            raise NotFoldable(f"{value.name!r} is too far from any constant")
+        const = constant(value, self.model)
+        if const.array is not None:
+            return [self._constant(value, const.array, axis, value_rank, use)]
+        node = value.producer()
+        if node is None:
+            raise NotFoldable(f"{value.name!r} is a graph input")
+        if not top and len(value.uses()) > 1:
+            raise NotFoldable(f"{value.name!r} is also read elsewhere")
+        if node.domain not in ("", "ai.onnx"):
+            raise NotFoldable(f"{value.name!r} is computed by {node.domain}.{node.op_type}")
+        return self._through(node, value, axis, value_rank, depth)
+
+    def _operand(self, node, index, axis, depth) -> list[Edit]:
+        """Plans operand `index` of `node` whose axis `axis` (counted in the operand) is the width."""
+        v = node.inputs[index]
+        r = rank(v, self.model)
+        if r is None:
+            raise NotFoldable(f"the rank of {v.name!r} is unknown")
+        return self.plan(v, axis, r, (node, index), top=False, depth=depth + 1)
+
+    def _through(self, node, value, axis, value_rank, depth) -> list[Edit]:
+        op = node.op_type
+        if op in _PASS_THROUGH:
+            return self._operand(node, 0, axis, depth)
+        if op in ("Add", "Sub"):
+            return [e for i in (0, 1) for e in self._broadcast_operand(node, i, axis, value_rank, depth)]
+        if op == "Mul":
+            for i in (0, 1):
+                c = constant(node.inputs[1 - i], self.model).array
+                if c is not None and c.size == 1:
+                    return self._operand(node, i, axis, depth)
+            raise NotFoldable(f"{value.name!r} is a product of two computed values")
+        if op == "MatMul" and axis == value_rank - 1:
+            return [self._weight(node, 1, axis=-1)]
+        if op == "Gemm" and axis == 1:
+            edits = [self._weight(node, 1, axis=0 if node.attributes.get_int("transB", 0) else 1)]
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                edits.append(self._weight(node, 2, axis=-1))
+            return edits
+        if op == "Conv" and axis == 1:
+            edits = [self._weight(node, 1, axis=0)]
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                edits.append(self._weight(node, 2, axis=0))
+            return edits
+        if op == "Gather" and node.attributes.get_int("axis", 0) == 0 and axis == value_rank - 1:
+            return [self._weight(node, 0, axis=-1)]
+        if op == "Transpose":
+            perm = node.attributes.get_ints("perm", None) or list(reversed(range(value_rank)))
+            return self._operand(node, 0, perm[axis], depth)
+        if op == "Concat":
+            if node.attributes.get_int("axis", 0) % value_rank == axis:
+                raise NotFoldable(f"{value.name!r} concatenates along the width axis")
+            return [e for i in range(len(node.inputs)) for e in self._operand(node, i, axis, depth)]
+        if op in ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten"):
+            return self._operand(node, 0, _axis_before(node, axis, value_rank), depth)
+        raise NotFoldable(f"{value.name!r} is computed by {op}, which normfold cannot recentre by folding")
+
+    def _broadcast_operand(self, node, index, axis, value_rank, depth) -> list[Edit]:
+        """An Add/Sub operand; one of lower rank lacking the width axis must be a constant (becomes 0)."""
+        v = node.inputs[index]
+        r = rank(v, self.model)
+        if r is None:
+            raise NotFoldable(f"the rank of {v.name!r} is unknown")
+        shifted = axis - (value_rank - r)
+        if shifted >= 0:
+            return self._operand(node, index, shifted, depth)
+        array = constant(v, self.model).array
+        if array is None:
+            raise NotFoldable(f"{v.name!r} is added uniformly along the width and is not constant")
+        return [self._constant(v, array, axis, value_rank, (node, index))]
+
+    def _weight(self, node: ir.Node, index: int, *, axis: int) -> Edit:
+        """An edit giving `node` a new initializer: its input `index` recentred along `axis`."""
+        array = constant(node.inputs[index], self.model).array
+        if array is None:
+            raise NotFoldable(f"{node.op_type} input {node.inputs[index].name!r} is not constant")
+        new = foldmath.recentre(array, axis=axis, width=self.width).astype(array.dtype)
+        model = self.model
+
+        def apply() -> None:
+            old = node.inputs[index]
+            node.replace_input_with(index, add_initializer(node.graph, f"{old.name}_recentred", new, model))
+
+        return apply
+
+    def _constant(self, value, array, axis, value_rank, use) -> Edit:
+        """An edit replacing a constant by its recentred copy, for one use or for all of them."""
+        full = array.reshape((1,) * (value_rank - array.ndim) + array.shape)
+        new = foldmath.recentre(full, axis=axis, width=self.width).astype(array.dtype)
+        uses = [use] if use is not None else list(value.uses())
+        model = self.model
+
+        def apply() -> None:
+            replacement = add_initializer(uses[0][0].graph, f"{value.name}_recentred", new, model)
+            for node, index in uses:
+                node.replace_input_with(index, replacement)
+
+        return apply
+
+
+def _axis_before(node: ir.Node, axis: int, value_rank: int) -> int:
+    """The input axis that becomes output `axis` (same size, same number of elements before it)."""
+    src, out = node.inputs[0].shape, node.outputs[0].shape
+    if node.op_type == "Expand" and src is not None:
+        shifted = axis - (value_rank - len(src))
+        if shifted < 0 or src[shifted] == 1:
+            raise NotFoldable(f"{node.outputs[0].name!r} broadcasts along the width axis")
+        return shifted
+    if src is None or out is None or not all(isinstance(d, int) for d in list(src) + list(out)):
+        raise NotFoldable(f"the shapes around {node.op_type} {node.outputs[0].name!r} are not static")
+    before = int(np.prod(list(out)[:axis], dtype=np.int64))
+    for candidate in range(len(src)):
+        if src[candidate] == out[axis] and int(np.prod(list(src)[:candidate], dtype=np.int64)) == before:
+            return candidate
+    raise NotFoldable(f"{node.op_type} {node.outputs[0].name!r} splits or merges the width axis")

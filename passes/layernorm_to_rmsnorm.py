@@ -1,0 +1,164 @@
+"""layernorm-to-rmsnorm: Pre-LN -> Pre-RMSNorm, an exact rewrite (Jiang et al., NeurIPS 2023).
+
+LN(x) = RMSNorm(x - mu(x)) with the same epsilon, gamma and beta, and LN(x + c 1) = LN(x). For every
+stream found by normfold.residual (values that only ever reach LayerNorms over the width, through
+Adds and views), each writer is recentred (normfold.recentre: embedding tables, projection weights
+and biases, constants), which makes every value of the stream zero-mean; then each LayerNorm that
+reads it is replaced by an RMSNorm (normfold.emit). A writer that cannot be recentred by folding
+gets an explicit x - mean(x) if it comes before any residual Add (an embedding LayerNorm, as in
+BLOOM, or an embeddings graph input); inside the residual chain it makes the stream unconvertible:
+in a Post-LN model the stream is written by each LayerNorm's own output.
+
+Refused, with the reason, per LayerNorm: its input is also read by something that sees the mean
+(attention on the raw stream, a graph output), the stream has an unfoldable writer (Post-LN), or the
+decomposed LayerNorm's intermediates are used elsewhere.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from normfold import recentre
+from normfold.constants import constant
+from normfold.detect import NormSite, find_sites
+from normfold.emit import Emitter
+from normfold.recentre import NotFoldable
+from normfold.report import node_label
+from normfold.residual import Stream, find_streams
+from normfold.rewrite import NormPass, replace_value
+
+
+class LayerNormToRMSNorm(NormPass):
+    """Replaces LayerNorms that read a recentrable stream with RMSNorms, recentring its writers."""
+
+    name = "layernorm-to-rmsnorm"
+    tolerance_class = "renorm"
+    handles = ("LayerNorm",)
+    needs_shapes = True
+    summary = "Pre-LN -> Pre-RMSNorm: recentre every write to the residual stream, LayerNorm -> RMSNorm"
+
+    def __init__(self, target: str = "auto") -> None:
+        super().__init__()
+        self.target = target
+
+    def rewrite(self, model: ir.Model) -> None:
+        sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
+        streams = find_streams(model, sites)
+        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
+        for stream in streams:
+            self._convert(stream, model)
+        for site in sites:
+            if id(site.nodes[0]) not in in_streams:
+                self.skip(site.nodes[0], _why_outside(site))
+
+    def _convert(self, stream: Stream, model: ir.Model) -> None:
+        try:
+            edits, explicit = _plan_writers(stream, model)
+        except NotFoldable as exc:
+            for site in stream.readers:
+                self.skip(site.nodes[0], str(exc))
+            return
+        replaceable = []
+        for site in stream.readers:
+            reason = _not_self_contained(site)
+            if reason:
+                self.skip(site.nodes[0], reason)
+            else:
+                replaceable.append(site)
+        if not replaceable:
+            return
+        for edit in edits:
+            edit()
+        for value, use in explicit:
+            _centre(value, use, model, self.target)
+        for site in replaceable:
+            _replace_with_rmsnorm(site, model, self.target)
+            self.applied()
+
+
+def _plan_writers(stream: Stream, model: ir.Model):
+    """Edits recentring every writer, plus the writers needing an explicit centring op."""
+    sums = {id(v) for v in stream.values if _is_residual_sum(v, stream)}
+    edits, explicit = [], []
+    writes = [(leaf, None) for leaf in stream.leaves] + [(node.inputs[i], (node, i)) for node, i in stream.external]
+    for value, use in writes:
+        try:
+            if use is not None and constant(value, model).array is None:
+                reader = next(n for n, _ in value.uses() if n is not use[0])
+                raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
+            edits += recentre.plan(value, model, use)
+        except NotFoldable as exc:
+            if _depends_on(value, sums):
+                raise NotFoldable(_writer_refusal(value, exc)) from None
+            explicit.append((value, use))
+    return edits, explicit
+
+
+def _writer_refusal(value: ir.Value, exc: NotFoldable) -> str:
+    producer = value.producer()
+    if producer is not None and producer.op_type in ("LayerNormalization", "Add", "Mul", "Div"):
+        return (f"Post-LN: the stream is written by {value.name!r} ({exc}), computed from an earlier residual sum; "
+                "an exact conversion would need a centring op in every layer")
+    return f"the stream is written by {value.name!r}, which cannot be recentred: {exc}"
+
+
+def _is_residual_sum(value: ir.Value, stream: Stream) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Add" and \
+        sum(1 for v in producer.inputs if v is not None and v in stream) == 2
+
+
+def _depends_on(value: ir.Value, targets: set[int]) -> bool:
+    """True when `value` is computed (transitively) from any value whose id is in `targets`."""
+    seen, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in targets:
+            return True
+        if id(v) in seen or v.producer() is None:
+            continue
+        seen.add(id(v))
+        stack.extend(i for i in v.producer().inputs if i is not None)
+    return False
+
+
+def _not_self_contained(site: NormSite) -> str:
+    inside = {id(n) for n in site.nodes}
+    for node in site.nodes:
+        for out in node.outputs:
+            if out is site.y:
+                continue
+            if out.is_graph_output() or any(id(user) not in inside for user, _ in out.uses()):
+                return f"its intermediate value {out.name!r} is used outside the LayerNorm"
+    return ""
+
+
+def _why_outside(site: NormSite) -> str:
+    x = site.x
+    if x.is_graph_output():
+        return f"the value it normalizes, {x.name!r}, is a graph output, so its mean is observable"
+    inside = {id(n) for n in site.nodes}
+    for node, _ in x.uses():
+        if id(node) not in inside and node.op_type not in ("Add",):
+            return f"the value it normalizes, {x.name!r}, is also read by {node_label(node)}, which sees its mean"
+    return f"the value it normalizes, {x.name!r}, reaches a reader that is not invariant to its mean"
+
+
+def _centre(value: ir.Value, use, model: ir.Model, target: str) -> None:
+    uses = [use] if use is not None else list(value.uses())
+    order = {id(n): i for i, n in enumerate(uses[0][0].graph)}
+    anchor = min((n for n, _ in uses), key=lambda n: order[id(n)])
+    centred = Emitter(model, anchor, target).centre(value, name=f"{value.name}/recentre")
+    for node, index in uses:
+        node.replace_input_with(index, centred)
+
+
+def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> None:
+    dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
+    emitter = Emitter(model, site.nodes[-1], target)
+    y = emitter.rmsnorm(site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
+                        name=site.name)
+    replace_value(site.y, y)
+    graph = site.nodes[0].graph
+    for node in reversed(site.nodes):
+        graph.remove(node, safe=True)
