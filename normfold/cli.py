@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", type=Path)
     convert.add_argument("-o", "--output", type=Path, help="default: MODEL.normfold.onnx beside the input")
     convert.add_argument("--passes", help="comma-separated pass names (default: every exact pass)")
+    convert.add_argument("--target", choices=["auto", "onnx", "ort"], default="auto",
+                         help="emit norm ops for onnxruntime (ort), as standard ONNX only (onnx), or "
+                              "ort when onnxruntime is installed (auto)")
     convert.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
     convert.add_argument("--force", action="store_true", help="overwrite an existing output")
     convert.add_argument("--report", type=Path, help="write the JSON report here")
@@ -107,7 +110,8 @@ def cmd_convert(args) -> int:
     _progress(f"converting {args.model}")
     try:
         model, report = pipeline.convert(
-            args.model, passes, verify=not args.no_verify, approximate=args.approximate, **_verify_kwargs(args)
+            args.model, passes, verify=not args.no_verify, approximate=args.approximate, target=args.target,
+            **_verify_kwargs(args),
         )
     except VerificationError as exc:
         if args.report:

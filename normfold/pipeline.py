@@ -22,6 +22,7 @@ import onnx_ir.passes.common
 
 from normfold import io
 from normfold.constants import LEGACY_INPUT_INITIALIZERS_IR
+from normfold.emit import TARGETS
 from normfold.errors import InputError, VerificationError
 from normfold.passes import PASSES
 from normfold.report import PassReport, Report, op_counts
@@ -31,10 +32,14 @@ from normfold.verification import TOLERANCE_ORDER, verify as verify_models
 MAX_ITERATIONS = 8
 
 
-def resolve_passes(passes: Sequence[str | NormPass] | None, *, approximate: bool = False) -> list[NormPass]:
-    """Pass objects for names or instances; None means every exact pass."""
+def resolve_passes(
+    passes: Sequence[str | NormPass] | None, *, approximate: bool = False, target: str = "auto"
+) -> list[NormPass]:
+    """Pass objects for names or instances; None means every exact pass. Named passes get `target`."""
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if passes is None:
-        return [cls() for cls in PASSES.values() if cls.exact]
+        return [cls(target=target) for cls in PASSES.values() if cls.exact]
     resolved = []
     for item in passes:
         if isinstance(item, NormPass):
@@ -42,7 +47,7 @@ def resolve_passes(passes: Sequence[str | NormPass] | None, *, approximate: bool
             continue
         if item not in PASSES:
             raise InputError(f"unknown pass {item!r}; known passes: {', '.join(PASSES)}")
-        resolved.append(PASSES[item]())
+        resolved.append(PASSES[item](target=target))
     for p in resolved:
         if not p.exact and not approximate:
             raise InputError(f"pass {p.name!r} is approximate: ask for it explicitly with --approximate")
@@ -95,12 +100,13 @@ def convert(
     *,
     verify: bool = True,
     approximate: bool = False,
+    target: str = "auto",
     **verify_options,
 ) -> tuple[ir.Model, Report]:
     """Rewrites `model` (in place if an ir.Model; a path is loaded, a ModelProto wrapped) and returns it
     with its report.
 
-    `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
+    `target` picks the form of emitted norm ops (normfold.emit). `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
     Raises VerificationError, with `.report`, when the result is not equivalent.
     """
     timings: dict[str, float] = {}
@@ -111,7 +117,7 @@ def convert(
     elif isinstance(model, onnx.ModelProto):
         model = io.from_proto(model)
     timings["load"] = time.perf_counter() - start
-    selected = resolve_passes(passes, approximate=approximate)
+    selected = resolve_passes(passes, approximate=approximate, target=target)
     reference = source if source is not None else (snapshot(model) if verify else None)
 
     start = time.perf_counter()

@@ -29,8 +29,10 @@ class NormPass(ir.passes.InPlacePass):
     handles: ClassVar[tuple[str, ...]] = ()
     """The site kinds (normfold.detect) this pass rewrites, for `normfold inspect`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, target: str = "auto") -> None:
         super().__init__()
+        self.target = target
+        """Which runtime emitted norm ops are chosen for (normfold.emit.TARGETS)."""
         self.applied_count = 0
         self.skipped: list[Skip] = []
 

@@ -37,10 +37,6 @@ class LayerNormToRMSNorm(NormPass):
     needs_shapes = True
     summary = "Pre-LN -> Pre-RMSNorm: recentre every write to the residual stream, LayerNorm -> RMSNorm"
 
-    def __init__(self, target: str = "auto") -> None:
-        super().__init__()
-        self.target = target
-
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
         streams = find_streams(model, sites)

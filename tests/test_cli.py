@@ -83,9 +83,10 @@ def test_nothing_to_rewrite_exits_0_without_output(tmp_path, capsys):
     assert files(tmp_path) == {"m.onnx"}
 
 
-def test_passes_lists_fold_batchnorm(capsys):
+def test_passes_lists_every_pass(capsys):
     assert main(["passes"]) == 0
-    assert capsys.readouterr().out.split()[:2] == ["fold-batchnorm", "exact"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["fold-batchnorm", "exact"], ["layernorm-to-rmsnorm", "exact"]]
 
 
 def test_inspect_text_and_json(model_path, capsys):

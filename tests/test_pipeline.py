@@ -15,11 +15,11 @@ from toy_models import conv_bn
 
 
 def test_default_passes_are_every_exact_pass():
-    assert [p.name for p in pipeline.resolve_passes(None)] == ["fold-batchnorm"]
+    assert [p.name for p in pipeline.resolve_passes(None)] == ["fold-batchnorm", "layernorm-to-rmsnorm"]
 
 
 def test_unknown_and_empty_pass_lists_are_refused():
-    with pytest.raises(InputError, match="unknown pass 'nope'; known passes: fold-batchnorm"):
+    with pytest.raises(InputError, match="unknown pass 'nope'; known passes: fold-batchnorm, layernorm-to-rmsnorm"):
         pipeline.resolve_passes(["nope"])
     with pytest.raises(InputError, match="no passes selected"):
         pipeline.resolve_passes([])
@@ -98,6 +98,11 @@ def test_report_schema_is_stable():
     assert set(data["passes"][0]) == {"name", "applied", "iterations", "seconds", "skipped"}
     assert set(data["verification"]) >= {"passed", "max_abs_error", "max_rel_error", "outputs"}
     assert set(data["timings"]) == {"load", "passes", "verify"}
+
+
+def test_unknown_target_is_refused():
+    with pytest.raises(InputError, match="unknown target 'gpu'"):
+        pipeline.resolve_passes(None, target="gpu")
 
 
 def test_convert_accepts_a_path_a_model_proto_and_an_ir_model(tmp_path):
