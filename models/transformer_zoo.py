@@ -327,7 +327,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-LN block: sequential x += attn(ln1(x)); x += mlp(ln2(x)), or parallel
-    x += attn(ln1(x)) + mlp(ln2(x)) (``shared_ln``: both read ln1(x), GPT-J style)."""
+    x += attn(ln1(x)) + mlp(ln2(x)) (``shared_ln``: one ln1(x) feeds both, GPT-J style)."""
 
     def __init__(
         self, width: int, heads: int, seq: int, bias: bool, parallel: bool, shared_ln: bool, mlp: str, hidden: int
@@ -340,11 +340,11 @@ class Block(nn.Module):
         self.mlp = MLP(width, hidden, mlp, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ln2 = self.ln1 if self.ln2 is None else self.ln2
         if self.parallel:
-            return x + self.attn(self.ln1(x)) + self.mlp(ln2(x))
+            h = self.ln1(x)
+            return x + self.attn(h) + self.mlp(h if self.ln2 is None else self.ln2(x))
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(ln2(x))
+        return x + self.mlp(self.ln2(x))
 
 
 class TinyGPT(nn.Module):

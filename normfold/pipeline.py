@@ -150,8 +150,9 @@ def _tolerance_class(passes: Sequence[NormPass], report: Report) -> str:
 
 
 def snapshot(model: ir.Model) -> ir.Model:
-    """An independent copy of the model to verify against (tensors are shared, never mutated by passes)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """An independent copy of the graph to verify or experiment on; tensors (and the external-data base
+    directory) are shared, which is safe because passes never mutate a tensor, only replace it."""
+    return model.clone()
 
 
 def _unused(model: ir.Model) -> set[int]:

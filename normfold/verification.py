@@ -231,7 +231,21 @@ def _random_input(ort_type: str, shape: list[int], rng: np.random.Generator, *, 
     return rng.integers(0, id_range or 10, size=shape).astype(dtype)
 
 
+MAX_GENERATED_ELEMENTS = 1 << 28
+"""Largest input normfold generates by itself (1 GiB of float32); larger ones must come from --inputs."""
+
+
 def _resolve_shape(meta, override: list[int] | None) -> list[int]:
+    shape = _declared_or_given_shape(meta, override)
+    if int(np.prod(shape, dtype=object)) > MAX_GENERATED_ELEMENTS:
+        raise InputError(
+            f"input {meta.name!r} of shape {shape} is too large to generate; give a smaller shape with "
+            f"--shape or the data with --inputs"
+        )
+    return shape
+
+
+def _declared_or_given_shape(meta, override: list[int] | None) -> list[int]:
     if override is not None:
         if len(override) != len(meta.shape):
             raise InputError(f"--shape {meta.name}: {len(override)} dims given, the input has {len(meta.shape)}")

@@ -113,3 +113,15 @@ def test_models_with_different_outputs_are_refused(tmp_path):
     onnx.save(proto, b)
     with pytest.raises(InputError, match="outputs differ"):
         normfold.verify(a, b)
+
+
+def test_inputs_too_large_to_generate_are_refused_before_allocating(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2**40])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2**40])],
+    )
+    path = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), path)
+    with pytest.raises(InputError, match="too large to generate.*--shape.*--inputs"):
+        normfold.verify(path, path)
