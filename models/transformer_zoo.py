@@ -115,16 +115,14 @@ class TokenLogits(nn.Module):
     cannot export).
     """
 
-    def __init__(self, model: nn.Module, *, use_cache: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self._use_cache = use_cache
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs = {"use_cache": False} if self._use_cache else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False, **kwargs)[0]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=False)[0]
 
 
 class ImageLogits(nn.Module):
@@ -253,7 +251,7 @@ def bert_post_ln(
     model = BertForMaskedLM(config)
     emb = model.bert.embeddings
     _finish(model, generator, [emb.word_embeddings.weight, emb.position_embeddings.weight])
-    return TokenLogits(model, use_cache=False)
+    return TokenLogits(model)
 
 
 @seeded(*_TOKENS)

@@ -536,6 +536,32 @@ def test_fp16_fold_never_writes_non_finite_weights():
         bg.assert_close(bg.run(folded, small)["y"], bg.run(proto, small)["y"], F16)
 
 
+def test_fp16_fold_rounding_beyond_tolerance_is_caught_by_verification():
+    """fp16 folding stores t = s (b - mean) + beta = 42.88 and s W = [-18.86, -44.84] in fp16; at this input
+    the output (-0.516) is their near-total cancellation, so the folded model is off by 0.02 (the
+    original, which subtracts the mean first, is exact to 1e-4). With a one-element output the fp16
+    tolerance is 1e-2 + 1e-2 * 0.516: convert() must not hand back that model as verified."""
+    g = GraphBuilder(dtype=F16, seed=0)
+    h = g.node("Conv", [g.input("x", [1, 1, 2]), g.init("W", np.array([[[0.2444, 0.581]]], F16)),
+                        g.init("B", np.array([0.3303], F16))], name="conv")
+    params = bg.BNParams(*(np.array([v], F16) for v in (-1.955, -0.537, 0.8926, 0.0006404)), eps=1e-6)
+    g.output(g.bn(h, 1, params=params, output="y", name="bn"))
+    proto = g.build()
+    x = np.array([[[0.3457, 0.822]]], F16)
+    w, b = np.array([0.2444, 0.581], F16).astype(np.float64), float(F16(0.3303))
+    y = float(w @ x.ravel().astype(np.float64)) + b
+    gamma, beta, mean, var = (float(a[0]) for a in params.arrays())
+    truth = np.array([[[(y - mean) / np.sqrt(var + params.eps) * gamma + beta]]])
+    bg.assert_close(bg.run(proto, {"x": x})["y"], truth, F16, what="the fp16 original")
+    try:
+        model, report = normfold.convert(from_proto(proto), passes=["fold-batchnorm"], inputs={"x": x})
+    except normfold.VerificationError as exc:
+        assert exc.report.passes[0].applied == 1
+        assert exc.report.verification["passed"] is False
+        return
+    bg.assert_close(bg.run(ir.serde.serialize_model(model), {"x": x})["y"], truth, F16, what="converted model")
+
+
 GRAPH_OUTPUT_CASES = [bg.conv_bn(), bg.conv_transpose_bn(groups=2), bg.gemm_bn(c_shape="N"), bg.matmul_bn(),
                       bg.matmul_bn(bias="N")]
 

@@ -37,7 +37,10 @@ Knobs (Config):
   stream has a large mean (REFERENCE.md: shifted inputs stress recentring);
 - stream_output=i: the residual stream after block i is also a graph output `h{i}`;
 - raw_reader=i: block i's value projection reads the raw stream instead of LN1's output, so the
-  mean of that stream value is observable.
+  mean of that stream value is observable;
+- dynamic: `ids` has symbolic dims (batch, seq), as exporters write with dynamic axes: reshapes use
+  0/-1 or a shape computed from Shape(ids), position ids come from Range, the causal mask and a
+  constant position table are sliced to the sequence length (feed explicit inputs to verify).
 
 `opset` defaults to 17 for fused LNs and 13 for decomposed ones (18 is also valid for both).
 """
@@ -87,6 +90,7 @@ class Config:
     stream_output: int | None = None
     raw_reader: int | None = None
     eps: float = 1e-5
+    dynamic: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -183,6 +187,29 @@ class _Builder:
         scale = 1.0 / np.sqrt(shape[0]) if scale is None else scale
         return self.init(name, (self.rng.normal(0.0, scale, size=shape) + offset).astype(self.dt))
 
+    def shape_with(self, *tail: int) -> str:
+        """A Reshape target (batch, seq, *tail): constant, or computed from Shape(ids) when dynamic."""
+        c = self.cfg
+        if not c.dynamic:
+            return self.const([c.batch, c.seq, *tail], np.int64)
+        key = ("shape_with", tail)
+        if key not in self._consts:
+            self._consts[key] = self.node("Concat", [self.ids_shape(), self.const(list(tail), np.int64)],
+                                          f"shape_bs_{'x'.join(map(str, tail))}", axis=0)
+        return self._consts[key]
+
+    def ids_shape(self) -> str:
+        if ("ids_shape",) not in self._consts:
+            self._consts[("ids_shape",)] = self.node("Shape", ["ids"], "ids_shape")
+        return self._consts[("ids_shape",)]
+
+    def seq_len(self) -> str:
+        """The sequence length as a 1-D tensor [S] (dynamic models only)."""
+        if ("seq_len",) not in self._consts:
+            self._consts[("seq_len",)] = self.node(
+                "Slice", [self.ids_shape(), self.const([1], np.int64), self.const([2], np.int64)], "seq_len")
+        return self._consts[("seq_len",)]
+
     # -- layers ----------------------------------------------------------------------------------
     def linear(self, x: str, din: int, dout: int, name: str, *, out_proj: bool = False) -> str:
         w = self.weight(f"{name}.weight", (din, dout))
@@ -198,7 +225,7 @@ class _Builder:
             flat = self.node("Reshape", [x, self.const([-1, din], np.int64)], f"{name}/flatten")
             inputs = [flat, w] + ([b] if b is not None else [])
             y = self.node("Gemm", inputs, f"{name}/gemm", transB=trans_b)
-            return self.node("Reshape", [y, self.const([c.batch, c.seq, dout], np.int64)], f"{name}/unflatten")
+            return self.node("Reshape", [y, self.shape_with(dout)], f"{name}/unflatten")
         y = self.node("MatMul", [x, w], f"{name}/matmul")
         return self.node("Add", [y, b], f"{name}/bias") if b is not None else y
 
@@ -255,7 +282,8 @@ class _Builder:
             q = self.linear(x, d, d, f"{name}.q")
             k = self.linear(x, d, d, f"{name}.k")
             v = self.linear(raw if raw is not None else x, d, d, f"{name}.v")
-        split_shape = self.const([c.batch, c.seq, heads, dh], np.int64)
+        split_shape = self.const([0, 0, heads, dh], np.int64) if c.dynamic else \
+            self.const([c.batch, c.seq, heads, dh], np.int64)
         q = self.node("Transpose", [self.node("Reshape", [q, split_shape], f"{name}/q_heads")], f"{name}/q_t",
                       perm=[0, 2, 1, 3])
         k = self.node("Transpose", [self.node("Reshape", [k, split_shape], f"{name}/k_heads")], f"{name}/k_t",
@@ -264,13 +292,23 @@ class _Builder:
                       perm=[0, 2, 1, 3])
         scores = self.node("MatMul", [q, k], f"{name}/scores")
         scores = self.node("Mul", [scores, self.const(1.0 / np.sqrt(dh))], f"{name}/scale")
-        mask = np.triu(np.full((c.seq, c.seq), -1e4), k=1)
-        scores = self.node("Add", [scores, self.const(mask)], f"{name}/mask")
+        scores = self.node("Add", [scores, self.mask()], f"{name}/mask")
         probs = self.node("Softmax", [scores], f"{name}/softmax", axis=-1)
         ctx = self.node("MatMul", [probs, v], f"{name}/context")
         ctx = self.node("Transpose", [ctx], f"{name}/ctx_t", perm=[0, 2, 1, 3])
-        ctx = self.node("Reshape", [ctx, self.const([c.batch, c.seq, d], np.int64)], f"{name}/merge_heads")
+        merged = self.const([0, 0, d], np.int64) if c.dynamic else self.const([c.batch, c.seq, d], np.int64)
+        ctx = self.node("Reshape", [ctx, merged], f"{name}/merge_heads")
         return self.linear(ctx, d, d, f"{name}.out", out_proj=True)
+
+    def mask(self) -> str:
+        c = self.cfg
+        full = self.const(np.triu(np.full((c.seq, c.seq), -1e4), k=1))
+        if not c.dynamic:
+            return full
+        if ("mask",) not in self._consts:
+            ends = self.node("Concat", [self.seq_len(), self.seq_len()], "mask_ends", axis=0)
+            self._consts[("mask",)] = self.node("Slice", [full, self.const([0, 0], np.int64), ends], "causal_mask")
+        return self._consts[("mask",)]
 
     def mlp(self, x: str, name: str) -> str:
         c = self.cfg
@@ -312,6 +350,11 @@ class _Builder:
         return self.node("Add", [h, self.mlp(self.layernorm(h, f"{name}.ln2"), f"{name}.mlp")],
                          f"{name}/mlp_residual")
 
+    def _rename(self, old: str, new: str) -> None:
+        for node in self.nodes:
+            node.input[:] = [new if v == old else v for v in node.input]
+            node.output[:] = [new if v == old else v for v in node.output]
+
     def build(self) -> TransformerCase:
         c = self.cfg
         table = (self.rng.normal(0.0, 1.0, size=(c.vocab, c.d)) + c.embedding_offset).astype(self.dt)
@@ -321,9 +364,17 @@ class _Builder:
             pos_table = (self.rng.normal(0.0, 0.5, size=(c.seq, c.d)) + c.embedding_offset).astype(self.dt)
             if c.pos == "gather":
                 self.init("wpe", pos_table)
-                pos = self.node("Gather", ["wpe", self.const(np.arange(c.seq), np.int64)], "embed_positions", axis=0)
+                if c.dynamic:
+                    seq = self.node("Squeeze", [self.seq_len(), self.const([0], np.int64)], "seq_scalar")
+                    ids = self.node("Range", [self.const(0, np.int64), seq, self.const(1, np.int64)], "position_ids")
+                else:
+                    ids = self.const(np.arange(c.seq), np.int64)
+                pos = self.node("Gather", ["wpe", ids], "embed_positions", axis=0)
             else:
                 pos = self.init("wpe", pos_table[None])
+                if c.dynamic:
+                    pos = self.node("Slice", [pos, self.const([0], np.int64), self.seq_len(), self.const([1], np.int64)],
+                                    "wpe_slice")
             h = self.node("Add", [h, pos], "embed_add")
         if c.embedding_ln:
             h = self.layernorm(h, "emb_ln")
@@ -348,13 +399,14 @@ class _Builder:
             head = self.init("lm_head.weight", np.ascontiguousarray(table.T))
             logits = self.apply_linear(h, head, None, c.d, c.vocab, "lm_head")
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_identity"))
-        outputs = [helper.make_tensor_value_info("logits", self.elem, [c.batch, c.seq, c.vocab])]
-        for i, value in zip([c.stream_output] if extra_outputs else [], extra_outputs):
-            self.nodes.append(helper.make_node("Identity", [value], [f"h{i}"], name=f"h{i}_identity"))
-            outputs.append(helper.make_tensor_value_info(f"h{i}", self.elem, [c.batch, c.seq, c.d]))
+        batch, seq = (["batch", "seq"] if c.dynamic else [c.batch, c.seq])
+        outputs = [helper.make_tensor_value_info("logits", self.elem, [batch, seq, c.vocab])]
+        for value in extra_outputs:  # the residual sum itself becomes the graph output h{i}
+            self._rename(value, f"h{c.stream_output}")
+            outputs.append(helper.make_tensor_value_info(f"h{c.stream_output}", self.elem, [batch, seq, c.d]))
         graph = helper.make_graph(
             self.nodes, "transformer",
-            [helper.make_tensor_value_info("ids", TensorProto.INT64, [c.batch, c.seq])],
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, seq])],
             outputs, self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
@@ -382,3 +434,32 @@ def run(model: onnx.ModelProto, ids: np.ndarray, *, optimize: bool = False) -> l
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"ids": ids})
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
+
+
+def float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model computing in float64: float initializers, Casts to float and float outputs become
+    double. Run it with `exact_logits` (onnx's reference evaluator; onnxruntime lacks double Erf)."""
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    for i, tensor in enumerate(wide.graph.initializer):
+        if tensor.data_type in _FLOATS:
+            array = numpy_helper.to_array(tensor).astype(np.float64)
+            wide.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    for node in wide.graph.node:
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i in _FLOATS:
+                attr.i = TensorProto.DOUBLE
+    for out in wide.graph.output:
+        if out.type.tensor_type.elem_type in _FLOATS:
+            out.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return wide
+
+
+def exact_outputs(model: onnx.ModelProto, ids: np.ndarray) -> list[np.ndarray]:
+    """The model's outputs computed in float64 (the ground truth a conversion is measured against)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(float64_model(model)).run(None, {"ids": ids})
