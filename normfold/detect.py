@@ -7,10 +7,11 @@ SkipSimplifiedLayerNormalization.
 Decomposed spellings, matched from the variance reduction backwards and the normalization forwards:
     LayerNorm: d = x - ReduceMean(x);  v = ReduceMean(d^2)
     RMSNorm:   d = x;                  v = ReduceMean(d^2)
-    then       y = d / Sqrt(v + eps)   or   d * Reciprocal(Sqrt(v + eps)),   optionally * gamma (+ beta)
+    then       y = d / Sqrt(v + eps)   or   d * Reciprocal(Sqrt(v + eps))   or   d * (1 / Sqrt(v + eps)),
+               optionally * gamma (+ beta)
 where d^2 is Pow(d, 2) or Mul(d, d), ReduceMean's axes come as an attribute or an input, both
-reductions use the same trailing axes with keepdims=1, and eps is a constant scalar; a Cast of x
-and of the result back (mixed-precision wrappers) are part of the site. Anything else that merely
+reductions use the same trailing axes with keepdims=1, and eps is a constant scalar; the Casts of
+mixed-precision exports are part of the site: of x, of d (fp16 TorchScript LayerNorm), of y back. Anything else that merely
 looks like a norm is not reported as one.
 """
 
@@ -163,11 +164,18 @@ def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site 
     nodes = [square, node, *tail]
     kind, x = "RMSNorm", d
     centre = d.producer()
+    mid_cast = centre if _is_op(centre, "Cast") else None  # fp16 TorchScript exports: Sub -> Cast -> Pow
+    if mid_cast is not None:
+        centre = mid_cast.inputs[0].producer()
     if _is_op(centre, "Sub") and _is_op(mean := centre.inputs[1].producer(), "ReduceMean"):
         if mean.inputs[0] is centre.inputs[0] and _reduce_axes(mean, model) == axes and \
                 mean.attributes.get_int("keepdims", 1) == 1:
             kind, x = "LayerNorm", centre.inputs[0]
-            nodes = [mean, centre, *nodes]
+            nodes = [mean, centre, *([mid_cast] if mid_cast is not None else []), *nodes]
+    cast_back = _single_user(normalized)
+    if _is_op(cast_back, "Cast"):
+        nodes.append(cast_back)
+        normalized = cast_back.outputs[0]
     output, gamma, beta, affine = _affine_tail(normalized, kind, model)
     nodes += affine
     cast_in = x.producer()
@@ -215,11 +223,16 @@ def _normalize_tail(variance: ir.Node, d: ir.Value, model: ir.Model):
     user = _single_user(sqrt.outputs[0])
     if _is_op(user, "Div") and user.inputs[0] is d and user.inputs[1] is sqrt.outputs[0]:
         return user.outputs[0], float(eps.reshape(-1)[0]), [add, sqrt, user]
-    if _is_op(user, "Reciprocal"):
+    if _is_op(user, "Reciprocal") or (_is_op(user, "Div") and user.inputs[1] is sqrt.outputs[0]
+                                      and _is_one(constant(user.inputs[0], model).array)):
         mul = _single_user(user.outputs[0])
         if _is_op(mul, "Mul") and d in mul.inputs:
             return mul.outputs[0], float(eps.reshape(-1)[0]), [add, sqrt, user, mul]
     return None, None, []
+
+
+def _is_one(array: np.ndarray | None) -> bool:
+    return array is not None and array.size == 1 and float(array.reshape(-1)[0]) == 1.0
 
 
 def _affine_tail(normalized: ir.Value, kind: str, model: ir.Model):

@@ -17,7 +17,7 @@ def sites_of(proto: onnx.ModelProto) -> list[detect.Site]:
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("square", ["pow", "mul"])
-@pytest.mark.parametrize("divide", ["div", "reciprocal"])
+@pytest.mark.parametrize("divide", ["div", "reciprocal", "one_div"])
 @pytest.mark.parametrize("axes_as_input", [True, False])
 @pytest.mark.parametrize("cast", [False, True])
 def test_decomposed_spellings_are_found(kind, square, divide, axes_as_input, cast):
@@ -31,7 +31,7 @@ def test_decomposed_spellings_are_found(kind, square, divide, axes_as_input, cas
     assert site.output == "y" if cast else site.output in ("shifted", "scaled")
     expected_nodes = {"square", "variance", "add_eps", "sqrt", "normalize", "gamma_mul"}
     expected_nodes |= {"mean", "centre", "beta_add"} if kind == "layernorm" else set()
-    expected_nodes |= {"reciprocal"} if divide == "reciprocal" else set()
+    expected_nodes |= {"reciprocal"} if divide != "div" else set()
     expected_nodes |= {"cast_in", "cast_out"} if cast else set()
     assert set(site.nodes) == expected_nodes
     assert site.spelling.startswith("decomposed: ")
@@ -80,3 +80,17 @@ def test_inspect_gives_the_reason_a_batchnorm_stays():
     (site,) = detect.inspect(io.from_proto(proto))
     verdict = site["passes"]["fold-batchnorm"]
     assert verdict.startswith("does not apply:") and "'c' is a graph output" in verdict
+
+
+def test_fp16_torchscript_layernorm_with_a_cast_after_centring_is_a_layernorm():
+    (site,) = sites_of(decomposed_norm("layernorm", mid_cast=True))
+    assert site.kind == "LayerNorm"
+    assert {"cast_mid", "cast_back", "mean", "centre", "gamma_mul", "beta_add"} <= set(site.nodes)
+
+
+def test_a_per_position_gamma_is_not_absorbed_as_the_affine():
+    proto = decomposed_norm("layernorm")
+    gamma = next(i for i in proto.graph.initializer if i.name == "gamma")
+    gamma.CopyFrom(onnx.numpy_helper.from_array(np.ones((3, 8), np.float32), "gamma"))
+    (site,) = sites_of(proto)
+    assert site.kind == "LayerNorm" and "gamma_mul" not in site.nodes and site.output == "normed"

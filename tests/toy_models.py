@@ -45,11 +45,14 @@ def decomposed_norm(
     axis: int = -1,
     affine: bool = True,
     cast: bool = False,
+    mid_cast: bool = False,
     opset: int = 18,
 ) -> onnx.ModelProto:
     """A LayerNorm or RMSNorm spelled out of primitive ops, the way exporters write it.
 
-    square: "pow" (Pow(d, 2)) or "mul" (Mul(d, d)); divide: "div" (d / s) or "reciprocal" (d * 1/s).
+    square: "pow" (Pow(d, 2)) or "mul" (Mul(d, d)); divide: "div" (d / s), "reciprocal" (d * Reciprocal(s))
+    or "one_div" (d * (1 / s), TorchScript's RMSNorm); mid_cast: Cast d to float and the result back
+    before the affine (TorchScript's fp16 LayerNorm).
     """
     nodes, inits = [], []
 
@@ -70,6 +73,9 @@ def decomposed_norm(
         reduce_mean(x, "mu", "mean")
         nodes.append(helper.make_node("Sub", [x, "mu"], ["d"], name="centre"))
         d = "d"
+    if mid_cast:
+        nodes.append(helper.make_node("Cast", [d], ["d32"], name="cast_mid", to=FLOAT))
+        d = "d32"
     if square == "pow":
         inits.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
         nodes.append(helper.make_node("Pow", [d, "two"], ["sq"], name="square"))
@@ -81,14 +87,21 @@ def decomposed_norm(
     nodes.append(helper.make_node("Sqrt", ["var_eps"], ["std"], name="sqrt"))
     if divide == "div":
         nodes.append(helper.make_node("Div", [d, "std"], ["normed"], name="normalize"))
-    else:
+    elif divide == "reciprocal":
         nodes.append(helper.make_node("Reciprocal", ["std"], ["inv"], name="reciprocal"))
         nodes.append(helper.make_node("Mul", [d, "inv"], ["normed"], name="normalize"))
+    else:
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+        nodes.append(helper.make_node("Div", ["one", "std"], ["inv"], name="reciprocal"))
+        nodes.append(helper.make_node("Mul", [d, "inv"], ["normed"], name="normalize"))
     out = "normed"
+    if mid_cast:
+        nodes.append(helper.make_node("Cast", ["normed"], ["normed_back"], name="cast_back", to=FLOAT))
+        out = "normed_back"
     if affine:
         rng = np.random.default_rng(0)
         inits.append(numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "gamma"))
-        nodes.append(helper.make_node("Mul", ["normed", "gamma"], ["scaled"], name="gamma_mul"))
+        nodes.append(helper.make_node("Mul", [out, "gamma"], ["scaled"], name="gamma_mul"))
         out = "scaled"
         if kind == "layernorm":
             inits.append(numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "beta"))

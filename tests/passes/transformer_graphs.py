@@ -40,7 +40,12 @@ Knobs (Config):
   mean of that stream value is observable;
 - dynamic: `ids` has symbolic dims (batch, seq), as exporters write with dynamic axes: reshapes use
   0/-1 or a shape computed from Shape(ids), position ids come from Range, the causal mask and a
-  constant position table are sliced to the sequence length (feed explicit inputs to verify).
+  constant position table are sliced to the sequence length (feed explicit inputs to verify);
+- dropout: inference-mode Dropout (opset 13 form) on the embeddings and each branch output, as
+  exporters of models in eval mode sometimes leave it;
+- positive_axes: decomposed LNs reduce over axes=[rank-1] (here 2 or 1) instead of [-1];
+- flat_ln: each LN reads a (batch*seq, d) Reshape of the stream and is reshaped back after, as some
+  exporters flatten tokens around norms.
 
 `opset` defaults to 17 for fused LNs and 13 for decomposed ones (18 is also valid for both).
 """
@@ -91,6 +96,9 @@ class Config:
     raw_reader: int | None = None
     eps: float = 1e-5
     dynamic: bool = False
+    dropout: bool = False
+    positive_axes: bool = False
+    flat_ln: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -230,11 +238,21 @@ class _Builder:
         return self.node("Add", [y, b], f"{name}/bias") if b is not None else y
 
     def reduce_mean(self, x: str, name: str) -> str:
+        axis = (1 if self.cfg.flat_ln else 2) if self.cfg.positive_axes else -1
         if self.opset >= 18:
-            return self.node("ReduceMean", [x, self.const([-1], np.int64)], name, keepdims=1)
-        return self.node("ReduceMean", [x], name, axes=[-1], keepdims=1)
+            return self.node("ReduceMean", [x, self.const([axis], np.int64)], name, keepdims=1)
+        return self.node("ReduceMean", [x], name, axes=[axis], keepdims=1)
+
+    def dropout(self, x: str, name: str) -> str:
+        return self.node("Dropout", [x], f"{name}/dropout") if self.cfg.dropout else x
 
     def layernorm(self, x: str, name: str) -> str:
+        if not self.cfg.flat_ln:
+            return self._layernorm(x, name)
+        flat = self.node("Reshape", [x, self.const([-1, self.cfg.d], np.int64)], f"{name}/flatten")
+        return self.node("Reshape", [self._layernorm(flat, name), self.shape_with(self.cfg.d)], f"{name}/unflatten")
+
+    def _layernorm(self, x: str, name: str) -> str:
         c = self.cfg
         self.ln_names.append(name)
         d = c.d
@@ -298,7 +316,7 @@ class _Builder:
         ctx = self.node("Transpose", [ctx], f"{name}/ctx_t", perm=[0, 2, 1, 3])
         merged = self.const([0, 0, d], np.int64) if c.dynamic else self.const([c.batch, c.seq, d], np.int64)
         ctx = self.node("Reshape", [ctx, merged], f"{name}/merge_heads")
-        return self.linear(ctx, d, d, f"{name}.out", out_proj=True)
+        return self.dropout(self.linear(ctx, d, d, f"{name}.out", out_proj=True), f"{name}.out")
 
     def mask(self) -> str:
         c = self.cfg
@@ -325,7 +343,7 @@ class _Builder:
             half = self.node("Add", [erf, self.const(1.0)], f"{name}/gelu_add")
             hidden = self.node("Mul", [self.node("Mul", [up, half], f"{name}/gelu_mul"), self.const(0.5)],
                                f"{name}/gelu_half")
-        return self.linear(hidden, f, c.d, f"{name}.proj", out_proj=True)
+        return self.dropout(self.linear(hidden, f, c.d, f"{name}.proj", out_proj=True), f"{name}.proj")
 
     def block(self, h: str, i: int) -> str:
         c = self.cfg
@@ -376,6 +394,7 @@ class _Builder:
                     pos = self.node("Slice", [pos, self.const([0], np.int64), self.seq_len(), self.const([1], np.int64)],
                                     "wpe_slice")
             h = self.node("Add", [h, pos], "embed_add")
+        h = self.dropout(h, "embed")
         if c.embedding_ln:
             h = self.layernorm(h, "emb_ln")
         extra_outputs = []
