@@ -32,7 +32,7 @@ VIEW_OPS = {"Identity", "Dropout", "Cast", "Reshape", "Slice", "Gather", "Concat
 """Ops that may pass a stream value on unchanged along the width axis (checked per node by `_keeps_width`)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Stream:
     """A connected set of values whose mean over the last (width) axis no reader can see."""
 
@@ -45,19 +45,19 @@ class Stream:
         return any(v is value for v in self.values)
 
 
-def layernorm_readers(sites: list[NormSite]) -> dict[int, NormSite]:
-    """LayerNorm sites over the last axis only, keyed by id of the value they normalize."""
-    readers = {}
+def layernorm_readers(sites: list[NormSite]) -> dict[int, list[NormSite]]:
+    """LayerNorm sites over the last axis only, grouped by id of the value they normalize."""
+    readers: dict[int, list[NormSite]] = {}
     for site in sites:
-        if site.kind == "LayerNorm" and site.axis in (-1, _last_axis(site.x)) and site.x is not None:
-            readers[id(site.x)] = site
+        if site.kind == "LayerNorm" and site.x is not None and site.axis in (-1, _last_axis(site.x)):
+            readers.setdefault(id(site.x), []).append(site)
     return readers
 
 
 def find_streams(model: ir.Model, sites: list[NormSite]) -> list[Stream]:
     """Every stream of the main graph (see module docstring), largest first."""
     readers = layernorm_readers(sites)
-    site_nodes = {id(n): site for site in readers.values() for n in site.nodes}
+    site_nodes = {id(n): site for group in readers.values() for site in group for n in site.nodes}
     members = {id(v): v for v in _all_values(model.graph) if _reader_types_allowed(v, readers, site_nodes)}
     changed = True
     while changed:
@@ -75,8 +75,10 @@ def _reader_types_allowed(value: ir.Value, readers, site_nodes) -> bool:
         return False
     for node, _ in value.uses():
         site = site_nodes.get(id(node))
-        if site is not None and site.x is value:
-            continue
+        if site is not None:
+            if site.x is value:
+                continue
+            return False  # a LayerNorm's internals are opaque: only its input counts as read by it
         if not _is_default(node) or (node.op_type != "Add" and node.op_type not in VIEW_OPS):
             return False
     return True
@@ -143,10 +145,9 @@ def _components(members: dict[int, ir.Value], readers, site_nodes) -> list[Strea
     for key, value in members.items():
         stream = groups.setdefault(find(key), Stream())
         stream.values.append(value)
-        if id(value) in readers:
-            stream.readers.append(readers[id(value)])
+        stream.readers.extend(readers.get(id(value), []))
         producer = value.producer()
-        if producer is None or not _is_default(producer) or not _joins_stream(producer):
+        if producer is None or id(producer) in site_nodes or not _is_default(producer) or not _joins_stream(producer):
             stream.leaves.append(value)
             continue
         stream.external.extend(

@@ -40,20 +40,26 @@ class LayerNormToRMSNorm(NormPass):
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
         streams = find_streams(model, sites)
-        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
+        plans = {}
         for stream in streams:
-            self._convert(stream, model)
+            try:
+                plans[id(stream)] = _plan_writers(stream, model)
+            except NotFoldable as exc:
+                for site in stream.readers:
+                    self.skip(site.nodes[0], str(exc))
+        for stream, reason in _post_ln_chains(streams, plans).items():
+            del plans[id(stream)]
+            for site in stream.readers:
+                self.skip(site.nodes[0], reason)
+        for stream in streams:
+            if id(stream) in plans:
+                self._convert(stream, *plans[id(stream)], model)
+        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
         for site in sites:
             if id(site.nodes[0]) not in in_streams:
                 self.skip(site.nodes[0], _why_outside(site))
 
-    def _convert(self, stream: Stream, model: ir.Model) -> None:
-        try:
-            edits, explicit = _plan_writers(stream, model)
-        except NotFoldable as exc:
-            for site in stream.readers:
-                self.skip(site.nodes[0], str(exc))
-            return
+    def _convert(self, stream: Stream, edits, explicit, model: ir.Model) -> None:
         replaceable = []
         for site in stream.readers:
             reason = _not_self_contained(site)
@@ -66,15 +72,46 @@ class LayerNormToRMSNorm(NormPass):
         for edit in edits:
             edit()
         for value, use in explicit:
-            _centre(value, use, model, self.target)
+            centred = _centre(value, use, model, self.target)
+            for site in replaceable:
+                if site.x is value:
+                    site.x = centred
         for site in replaceable:
             _replace_with_rmsnorm(site, model, self.target)
             self.applied()
 
 
+def _post_ln_chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
+    """Streams whose explicitly centred writers depend on one another: a centring op in every layer.
+
+    One explicit centring is fine (BLOOM's embedding LayerNorm output); a chain of them is Post-LN,
+    where each layer's LayerNorm output writes the next residual sum.
+    """
+    explicit = {id(value): stream for stream in streams if id(stream) in plans
+                for value, _ in plans[id(stream)][1]}
+    refused: dict[int, tuple[Stream, str]] = {}
+    for stream in streams:
+        for value, _ in plans.get(id(stream), ((), ()))[1]:
+            upstream = _depends_on_any(value, set(explicit) - {id(value)})
+            if upstream is None:
+                continue
+            reason = (f"Post-LN: the stream is written by {value.name!r}, which cannot be recentred by folding "
+                      f"and is computed from another such writer ({upstream.name!r}); an exact conversion would "
+                      "need a centring op in every layer")
+            refused[id(stream)] = (stream, reason)
+            refused.setdefault(id(explicit[id(upstream)]), (explicit[id(upstream)], reason))
+    chain = [value for stream, _ in refused.values() for value, _ in plans[id(stream)][1]]
+    reason = next((r for _, r in refused.values()), "")
+    for stream in streams:
+        if id(stream) in plans and id(stream) not in refused:
+            outputs = {id(s.y) for s in stream.readers}
+            if any(_depends_on_any(value, outputs) is not None or id(value) in outputs for value in chain):
+                refused[id(stream)] = (stream, f"its output feeds the residual chain of a Post-LN model ({reason})")
+    return {stream: reason for stream, reason in refused.values()}
+
+
 def _plan_writers(stream: Stream, model: ir.Model):
-    """Edits recentring every writer, plus the writers needing an explicit centring op."""
-    sums = {id(v) for v in stream.values if _is_residual_sum(v, stream)}
+    """Edits recentring every writer by folding, plus the writers that need an explicit centring op."""
     edits, explicit = [], []
     writes = [(leaf, None) for leaf in stream.leaves] + [(node.inputs[i], (node, i)) for node, i in stream.external]
     for value, use in writes:
@@ -83,39 +120,23 @@ def _plan_writers(stream: Stream, model: ir.Model):
                 reader = next(n for n, _ in value.uses() if n is not use[0])
                 raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
             edits += recentre.plan(value, model, use)
-        except NotFoldable as exc:
-            if _depends_on(value, sums):
-                raise NotFoldable(_writer_refusal(value, exc)) from None
+        except NotFoldable:
             explicit.append((value, use))
     return edits, explicit
 
 
-def _writer_refusal(value: ir.Value, exc: NotFoldable) -> str:
-    producer = value.producer()
-    if producer is not None and producer.op_type in ("LayerNormalization", "Add", "Mul", "Div"):
-        return (f"Post-LN: the stream is written by {value.name!r} ({exc}), computed from an earlier residual sum; "
-                "an exact conversion would need a centring op in every layer")
-    return f"the stream is written by {value.name!r}, which cannot be recentred: {exc}"
-
-
-def _is_residual_sum(value: ir.Value, stream: Stream) -> bool:
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Add" and \
-        sum(1 for v in producer.inputs if v is not None and v in stream) == 2
-
-
-def _depends_on(value: ir.Value, targets: set[int]) -> bool:
-    """True when `value` is computed (transitively) from any value whose id is in `targets`."""
-    seen, stack = set(), [value]
+def _depends_on_any(value: ir.Value, targets: set[int]) -> ir.Value | None:
+    """The first value whose id is in `targets` that `value` is computed from (itself excluded)."""
+    seen, stack = set(), [i for i in (value.producer().inputs if value.producer() else ()) if i is not None]
     while stack:
         v = stack.pop()
         if id(v) in targets:
-            return True
+            return v
         if id(v) in seen or v.producer() is None:
             continue
         seen.add(id(v))
         stack.extend(i for i in v.producer().inputs if i is not None)
-    return False
+    return None
 
 
 def _not_self_contained(site: NormSite) -> str:
@@ -140,13 +161,15 @@ def _why_outside(site: NormSite) -> str:
     return f"the value it normalizes, {x.name!r}, reaches a reader that is not invariant to its mean"
 
 
-def _centre(value: ir.Value, use, model: ir.Model, target: str) -> None:
+def _centre(value: ir.Value, use, model: ir.Model, target: str) -> ir.Value:
+    """Inserts value - mean(value) and makes the given use (or every use) read it; returns it."""
     uses = [use] if use is not None else list(value.uses())
     order = {id(n): i for i, n in enumerate(uses[0][0].graph)}
     anchor = min((n for n, _ in uses), key=lambda n: order[id(n)])
     centred = Emitter(model, anchor, target).centre(value, name=f"{value.name}/recentre")
     for node, index in uses:
         node.replace_input_with(index, centred)
+    return centred
 
 
 def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> None:

@@ -1,0 +1,214 @@
+"""Property tests of layernorm-to-rmsnorm over random transformers (transformer_graphs).
+
+Hypothesis draws every knob of transformer_graphs.Config: width 4..48 with a head count dividing it,
+depth 1..3, vocab, batch, sequence length, bias, tied embeddings (Transpose / Gemm transB / copy),
+Phi or NeoX parallel blocks, GELU or SwiGLU, each LayerNorm spelling at each valid opset (13..23),
+fused QKV, MatMul or Gemm projections, position tables, dynamic axes, Dropout, positive reduce axes,
+flattened LNs, epsilon, float32 or float16, +0/+4/+100 on the embedding tables, offset biases, the
+seed of every weight, and the emission target ("onnx" or "ort").
+
+Checks per example, with REFERENCE.md's tolerances (fp32 rtol 1e-4, atol 1e-4 * max(1, rms(ref));
+fp16 1e-2 / 1e-2 * scale), never loosened:
+- Pre-LN: every LayerNorm becomes an RMSNorm (normfold.detect finds no LayerNorm, fused or
+  decomposed; `applied` equals the number of LayerNorms, nothing skipped);
+- the converted model (onnxruntime, all optimizations on) matches the original evaluated exactly in
+  float64 (onnx's reference evaluator), and normfold.verify against the float32/float16 original
+  passes whenever that original is itself within half the tolerance of the exact result (with a +100
+  table and a tied head, or a tiny width, the low-precision original is the inaccurate one);
+- the pass is idempotent: a second run applies nothing;
+- stream values whose mean is observable (a graph output, a MatMul reading the raw stream) keep their
+  LayerNorms and everything upstream (a graph-output stream value stays bit-identical); Post-LN
+  models come out exact, and unchanged once the Post-LN bug below is fixed.
+
+Known bugs (KNOWN_BUGS; each has a strict xfail in test_layernorm_to_rmsnorm.py): while listed, the
+properties skip the knob (embedding LN, fp16 affine inside the Casts) or only check exactness (NeoX,
+Post-LN). Remove the entry when the bug is fixed, and the properties cover the knob fully.
+
+Example counts: 200 fp32 + 60 fp16 + 60 negative examples in CI (about 30 s on 2 cores). Long mode:
+NORMFOLD_LONG=1 runs 10000 examples per property
+(NORMFOLD_LONG=1 pytest tests/passes/test_layernorm_to_rmsnorm_properties.py, about an hour).
+A failure prints the falsifying Config (copy it into tg.build) and a @reproduce_failure blob.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+import normfold
+import transformer_graphs as tg
+from normfold.detect import find_sites
+from normfold.io import from_proto
+from normfold.passes import LayerNormToRMSNorm
+from normfold.pipeline import run_passes
+from normfold.verification import compare
+
+pytest.importorskip("onnxruntime")
+
+LONG = os.environ.get("NORMFOLD_LONG") == "1"
+FP32_EXAMPLES = 10_000 if LONG else 200
+FP16_EXAMPLES = 10_000 if LONG else 60
+NEGATIVE_EXAMPLES = 10_000 if LONG else 60
+COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+KNOWN_BUGS = {
+    "neox": "two LayerNorms reading one stream value: only ln_f converts (test_neox_parallel_block_with_two_layernorms)",
+    "embedding_ln": "BLOOM embedding LN: RMSNorm reads the uncentred value (test_embedding_layernorm_gets_an_explicit_centre)",
+    "fp16_affine_inside": "fp32 gamma/beta inside fp16 Casts: invalid model (test_fp16_affine_inside_the_casts)",
+    "post_ln": "Post-LN converted with explicit centres instead of refused (test_post_ln_is_refused_and_unchanged)",
+}
+
+
+# -- strategies ------------------------------------------------------------------------------------------
+@st.composite
+def configs(draw, *, dtype: str, negative: bool = False) -> tg.Config:
+    d = draw(st.integers(4, 48))
+    heads = draw(st.sampled_from([h for h in range(1, 9) if d % h == 0]))
+    spelling = draw(st.sampled_from(tg.LN_SPELLINGS))
+    opset = draw(st.sampled_from([17, 18, 23] if spelling == "fused" else [13, 14, 17, 18, 23]))
+    depth = draw(st.integers(1, 3))
+    parallel = draw(st.sampled_from(tg.PARALLEL))
+    embedding_ln = "embedding_ln" not in KNOWN_BUGS and draw(st.booleans())
+    fp16_affine = "outside"
+    if dtype == "float16" and "fp16_affine_inside" not in KNOWN_BUGS:
+        fp16_affine = draw(st.sampled_from(["outside", "inside"]))
+    knobs = dict(
+        d=d, heads=heads, depth=depth, ln_spelling=spelling, opset=opset, parallel=parallel, dtype=dtype,
+        vocab=draw(st.integers(2, 40)), seq=draw(st.integers(1, 6)), batch=draw(st.integers(1, 2)),
+        mlp_ratio=draw(st.sampled_from([1, 2, 4])), bias=draw(st.booleans()), tied=draw(st.sampled_from(tg.TIED)),
+        mlp=draw(st.sampled_from(["gelu", "swiglu"])), fused_qkv=draw(st.booleans()),
+        proj=draw(st.sampled_from(["matmul", "gemm"])), pos=draw(st.sampled_from(["gather", "const", "none"])),
+        embedding_ln=embedding_ln, fp16_affine=fp16_affine, dynamic=draw(st.booleans()),
+        dropout=draw(st.booleans()), positive_axes=draw(st.booleans()), flat_ln=draw(st.booleans()),
+        eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12] if dtype == "float32" else [1e-5, 1e-3])),
+        embedding_offset=draw(st.sampled_from([0.0, 4.0, 100.0])), bias_offset=draw(st.sampled_from([0.0, 3.0])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+    if negative:
+        kind = draw(st.sampled_from(["stream_output", "raw_reader", "post_ln"]))
+        if kind == "post_ln":
+            knobs.update(post_ln=True, parallel="none")
+        else:
+            knobs[kind] = draw(st.integers(0, depth - 1))
+    return tg.Config(**knobs)
+
+
+# -- checks ----------------------------------------------------------------------------------------------
+def draw_ids(case: tg.TransformerCase, data) -> np.ndarray:
+    c = case.config
+    seq = data.draw(st.integers(1, c.seq), label="dynamic seq") if c.dynamic else c.seq
+    seed = data.draw(st.integers(0, 2**16), label="ids seed")
+    return np.random.default_rng(seed).integers(0, c.vocab, size=(c.batch, seq)).astype(np.int64)
+
+
+def within(case, reference, candidate, fraction: float = 1.0):
+    rtol, atol = case.tolerance
+    return compare("out", reference, candidate, rtol=rtol * fraction, atol=atol * fraction)
+
+
+def check_equivalent(case: tg.TransformerCase, model: ir.Model, proto: onnx.ModelProto, ids: np.ndarray) -> None:
+    """Converted vs exact (always); normfold.verify vs the original when the original is accurate."""
+    exact = tg.exact_outputs(case.model, ids)
+    original = tg.run(case.model, ids)
+    converted = tg.run(proto, ids, optimize=True)
+    for name, e, c in zip(("logits", "stream"), exact, converted):
+        check = within(case, e, c)
+        assert check.passed, f"{name} vs exact: {check.message} (max abs {check.max_abs_error:.3g})"
+    if all(within(case, e, o, 0.5).passed for e, o in zip(exact, original)):
+        event("verified against the low-precision original")
+        result = normfold.verify(from_proto(case.model), model, inputs={"ids": ids}, tolerance_class="renorm")
+        assert result.passed, result.summary_lines()
+    else:
+        event("low-precision original too coarse: exact oracle only")
+
+
+def convert(case: tg.TransformerCase, target: str):
+    model, report = normfold.convert(case.model, passes=[LayerNormToRMSNorm(target=target)], verify=False,
+                                     target=target)
+    return model, report, ir.serde.serialize_model(model)
+
+
+def check_idempotent(proto: onnx.ModelProto, target: str) -> None:
+    report = run_passes(from_proto(proto), [LayerNormToRMSNorm(target=target)])
+    assert report.passes[0].applied == 0, report.summary_lines()
+
+
+def layernorms_left(model: ir.Model) -> set[str]:
+    return {s.name.split("/")[0] for s in find_sites(model) if s.kind == "LayerNorm"}
+
+
+def check_pre_ln(case: tg.TransformerCase, target: str, data) -> None:
+    event(f"{case.config.ln_spelling} opset {case.config.resolved_opset} -> {target}")
+    model, report, proto = convert(case, target)
+    entry = report.passes[0]
+    if case.config.parallel == "neox" and "neox" in KNOWN_BUGS:
+        assert layernorms_left(model) <= set(case.ln_names)
+    else:
+        assert layernorms_left(model) == set(), entry.skipped
+        assert entry.applied == case.config.layernorms, entry.skipped
+        assert entry.skipped == []
+    if target == "onnx":
+        onnx.checker.check_model(proto)
+    check_equivalent(case, model, proto, draw_ids(case, data))
+    check_idempotent(proto, target)
+
+
+# -- properties ------------------------------------------------------------------------------------------
+@settings(max_examples=FP32_EXAMPLES, **COMMON)
+@given(config=configs(dtype="float32"), target=st.sampled_from(["onnx", "ort"]), data=st.data())
+def test_pre_ln_fp32_converts_exactly(config, target, data):
+    check_pre_ln(tg.build(config), target, data)
+
+
+@settings(max_examples=FP16_EXAMPLES, **COMMON)
+@given(config=configs(dtype="float16"), target=st.sampled_from(["onnx", "ort"]), data=st.data())
+def test_pre_ln_fp16_converts_exactly(config, target, data):
+    check_pre_ln(tg.build(config), target, data)
+
+
+@settings(max_examples=NEGATIVE_EXAMPLES, **COMMON)
+@given(config=configs(dtype="float32", negative=True), target=st.sampled_from(["onnx", "ort"]), data=st.data())
+def test_observable_stream_values_keep_their_layernorms(config, target, data):
+    case = tg.build(config)
+    c = case.config
+    model, report, proto = convert(case, target)
+    entry = report.passes[0]
+    left = layernorms_left(model)
+    ids = draw_ids(case, data)
+    check_equivalent(case, model, proto, ids)
+    check_idempotent(proto, target)
+    assert {s.node.split("/")[0] for s in entry.skipped} == left
+    assert entry.applied == c.layernorms - len(left)
+    if c.post_ln:
+        event("post_ln")
+        if "post_ln" not in KNOWN_BUGS:
+            assert entry.applied == 0 and left == set(case.ln_names)
+            assert all("Post-LN" in s.reason for s in entry.skipped)
+        return
+    if c.stream_output is not None:
+        i = c.stream_output
+        event("stream value is a graph output")
+        reader = f"blk{i + 1}.ln1" if i + 1 < c.depth else "ln_f"
+        upstream = {n for n in case.ln_names if n.split(".")[0] in {f"blk{j}" for j in range(i + 1)}}
+        assert np.array_equal(tg.run(case.model, ids)[1], tg.run(proto, ids)[1])
+        reason = next(s.reason for s in entry.skipped if s.node.split("/")[0] == reader)
+        assert "graph output" in reason
+    else:
+        i = c.raw_reader
+        event("stream value read by a MatMul")
+        reader = f"blk{i}.ln1"
+        upstream = {n for n in case.ln_names if n.split(".")[0] in {f"blk{j}" for j in range(i)}}
+        if c.parallel == "neox":
+            upstream.add(f"blk{i}.ln2")  # reads the same value as ln1
+        reason = next(s.reason for s in entry.skipped if s.node.split("/")[0] == reader)
+        if not (c.parallel == "neox" and "neox" in KNOWN_BUGS):
+            assert f"blk{i}.attn.v" in reason
+    if c.embedding_ln:
+        upstream.add("emb_ln")
+    assert {reader} | upstream <= left, (reader, upstream, left)
