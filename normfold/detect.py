@@ -168,7 +168,12 @@ def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site 
     if mid_cast is not None:
         centre = mid_cast.inputs[0].producer()
     if _is_op(centre, "Sub") and _is_op(mean := centre.inputs[1].producer(), "ReduceMean"):
-        if mean.inputs[0] is centre.inputs[0] and _reduce_axes(mean, model) == axes and \
+        # The centred value must stay inside the norm: if anything else reads it, the Sub is a centring
+        # of its own and the norm is an RMSNorm of the centred value (as normfold emits for BLOOM).
+        inside = {id(n) for n in [*nodes, *([mid_cast] if mid_cast is not None else [])]}
+        private = all(id(user) in inside for user, _ in d.uses()) and (
+            mid_cast is None or all(user is mid_cast for user, _ in centre.outputs[0].uses()))
+        if private and mean.inputs[0] is centre.inputs[0] and _reduce_axes(mean, model) == axes and \
                 mean.attributes.get_int("keepdims", 1) == 1:
             kind, x = "LayerNorm", centre.inputs[0]
             nodes = [mean, centre, *([mid_cast] if mid_cast is not None else []), *nodes]

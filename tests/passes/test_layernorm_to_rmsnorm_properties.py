@@ -62,7 +62,19 @@ KNOWN_BUGS = {
     "embedding_ln": "BLOOM embedding LN: RMSNorm reads the uncentred value (test_embedding_layernorm_gets_an_explicit_centre)",
     "fp16_affine_inside": "fp32 gamma/beta inside fp16 Casts: invalid model (test_fp16_affine_inside_the_casts)",
     "post_ln": "Post-LN converted with explicit centres instead of refused (test_post_ln_is_refused_and_unchanged)",
+    "opset13_computed_reshape": "opset 13, dynamic axes, Reshape to a computed shape (Gemm projections or flattened "
+                                "LNs): width not inferred, Pre-LN refused as 'Post-LN' (test_opset13_dynamic_*)",
 }
+
+
+def incomplete_by_known_bug(c: tg.Config) -> str | None:
+    """The KNOWN_BUGS entry that keeps some LayerNorms of this Pre-LN config unconverted, if any."""
+    if c.parallel == "neox" and "neox" in KNOWN_BUGS:
+        return "neox"
+    if c.dynamic and c.resolved_opset == 13 and (c.proj == "gemm" or c.flat_ln) and \
+            "opset13_computed_reshape" in KNOWN_BUGS:
+        return "opset13_computed_reshape"
+    return None
 
 
 # -- strategies ------------------------------------------------------------------------------------------
@@ -147,7 +159,9 @@ def check_pre_ln(case: tg.TransformerCase, target: str, data) -> None:
     event(f"{case.config.ln_spelling} opset {case.config.resolved_opset} -> {target}")
     model, report, proto = convert(case, target)
     entry = report.passes[0]
-    if case.config.parallel == "neox" and "neox" in KNOWN_BUGS:
+    bug = incomplete_by_known_bug(case.config)
+    if bug:
+        event(f"known bug {bug}: exactness only")
         assert layernorms_left(model) <= set(case.ln_names)
     else:
         assert layernorms_left(model) == set(), entry.skipped
@@ -185,6 +199,9 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
     check_idempotent(proto, target)
     assert {s.node.split("/")[0] for s in entry.skipped} == left
     assert entry.applied == c.layernorms - len(left)
+    if incomplete_by_known_bug(c):
+        event("known bug: exactness only")
+        return
     if c.post_ln:
         event("post_ln")
         if "post_ln" not in KNOWN_BUGS:

@@ -1,0 +1,81 @@
+"""layernorm-to-rmsnorm end to end on the transformer architectures of normfold.models.
+
+Each Pre-LN model, exported by torch's dynamo exporter (opset 18, fused LayerNormalization) and its
+TorchScript exporter (opset 14, decomposed LayerNorm), in float32 and float16, must come out with no
+LayerNorm at all and verify at REFERENCE.md's tolerances (fp32 LN -> RMSNorm: rtol 1e-4, atol 1e-4 *
+scale; fp16: 1e-2); the Post-LN BERT must come out unchanged, with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("transformers")
+
+import normfold  # noqa: E402
+from normfold import models  # noqa: E402
+from normfold.detect import find_sites  # noqa: E402
+from normfold.models.export import build_onnx  # noqa: E402
+
+PRE_LN = ["gpt2_tied", "vit", "opt", "bloom", "gpt_neox", "tiny_gpt"]
+EXPORTS = [("dynamo", 18), ("torchscript", 14)]
+LN_COUNT = {"gpt2_tied": 5, "vit": 5, "opt": 5, "bloom": 6, "gpt_neox": 5, "tiny_gpt": 5}
+
+
+def layernorms(model) -> list:
+    return [s for s in find_sites(model) if s.kind == "LayerNorm"]
+
+
+CASES = [(name, exporter, opset, dtype, "onnx") for name in PRE_LN for exporter, opset in EXPORTS
+         for dtype in ("float32", "float16")]
+CASES += [(name, "dynamo", 18, "float32", "ort") for name in PRE_LN]  # same rewrite, onnxruntime's emission
+
+
+@pytest.mark.parametrize("name,exporter,opset,dtype,target", CASES)
+def test_pre_ln_models_convert_completely(name, exporter, opset, dtype, target, tmp_path):
+    path = tmp_path / f"{name}.onnx"
+    build_onnx(name, seed=1, path=path, exporter=exporter, opset=opset, dtype=dtype)
+    assert len(layernorms(normfold.load(path))) == LN_COUNT[name]
+
+    model, report = normfold.convert(path, ["layernorm-to-rmsnorm"], target=target)
+
+    assert report.passes[0].applied == LN_COUNT[name], report.summary_lines()
+    assert layernorms(model) == []
+    assert report.verification["passed"]
+    rms_ops = {"onnx": "Sqrt", "ort": "SimplifiedLayerNormalization"}[target]
+    assert report.ops_after.get(rms_ops, 0) >= LN_COUNT[name]
+
+
+def test_vit_with_inputs_shifted_by_100_stays_equivalent(tmp_path):
+    path = tmp_path / "vit.onnx"
+    build_onnx("vit", seed=2, path=path)
+    images = models.example_inputs("vit", seed=5)[0] + 100.0
+    model, report = normfold.convert(path, ["layernorm-to-rmsnorm"], inputs={"input": images})
+    assert report.passes[0].applied == LN_COUNT["vit"] and report.verification["passed"]
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTS)
+def test_post_ln_bert_comes_out_unchanged_with_the_reason(exporter, opset, tmp_path):
+    path = tmp_path / "bert.onnx"
+    build_onnx("bert_post_ln", seed=1, path=path, exporter=exporter, opset=opset)
+    original = onnx.load(path)
+    model, report = normfold.convert(path, ["layernorm-to-rmsnorm"])
+    assert report.passes[0].applied == 0 and report.verification is None
+    assert len(report.passes[0].skipped) == 6
+    assert all("Post-LN" in s.reason for s in report.passes[0].skipped), report.summary_lines()
+    assert report.ops_after == report.ops_before
+    assert [n.op_type for n in normfold.io.from_proto(original).graph] == [n.op_type for n in model.graph]
+
+
+def test_tied_gpt2_head_keeps_the_original_table(tmp_path):
+    path = tmp_path / "gpt2.onnx"
+    build_onnx("gpt2_tied", seed=1, path=path, exporter="torchscript", opset=14)
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    model, report = normfold.convert(path, ["layernorm-to-rmsnorm"])
+    tables = [v for v in model.graph.initializers.values() if v.const_value.shape == (101, 32)]
+    recentred = [v for v in tables if np.allclose(v.const_value.numpy().mean(axis=1), 0, atol=1e-6)]
+    untouched = [v for v in tables if v.name in original and np.array_equal(v.const_value.numpy(), original[v.name])]
+    assert recentred and untouched, "the input embedding must be a recentred copy, the head the original"
+    assert report.verification["passed"]
