@@ -4,7 +4,8 @@ Every factory is ``fn(seed=0, **size_kwargs) -> torch.nn.Module``, returns a
 module in eval mode whose ``forward`` returns one logits tensor, and carries
 its example inputs as ``fn.input_shapes`` / ``fn.input_kinds`` / ``fn.vocab``
 (see :class:`normfold.models.ModelSpec`). Token models take int64 ids of
-shape (batch, seq); ``vit`` takes (batch, 3, 32, 32) images.
+shape (batch, seq); ``vit`` takes (batch, 3, 32, 32) images (its
+``image_size`` knob changes the 32; pass matching inputs to ``to_onnx``).
 
 All but ``tiny_gpt`` are ``transformers`` models built from a config (no hub
 access) with eager attention, dropout off and ``initializer_range`` set to
@@ -166,15 +167,21 @@ def gpt2_tied(
 
 @seeded(((BATCH, *IMAGE),), ("normal",))
 def vit(
-    generator: torch.Generator, width: int = 32, depth: int = 2, heads: int = 4, patch: int = 8, num_classes: int = 10
+    generator: torch.Generator,
+    width: int = 32,
+    depth: int = 2,
+    heads: int = 4,
+    patch: int = 8,
+    num_classes: int = 10,
+    image_size: int = IMAGE[1],
 ) -> nn.Module:
-    """ViT on 3x32x32 images: Conv patch embedding, CLS token, learned positions, Pre-LN,
-    final LN, classifier on the CLS token."""
+    """ViT on 3x32x32 images (3 x image_size x image_size): Conv patch embedding, CLS token, learned
+    positions, Pre-LN, final LN, classifier on the CLS token. The MLP is 4 x width wide."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
         hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * width,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, image_size=IMAGE[1], patch_size=patch,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, image_size=image_size, patch_size=patch,
         num_channels=IMAGE[0], num_labels=num_classes, **_hf_common(width),
     )  # fmt: skip
     model = ViTForImageClassification(config)

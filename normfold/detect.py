@@ -81,7 +81,8 @@ class NormSite:
 
     @property
     def fused(self) -> bool:
-        return len(self.nodes) == 1
+        """True for a fused norm op (possibly followed by the Add of its beta), False when decomposed."""
+        return not self.spelling.startswith("decomposed")
 
     def describe(self) -> Site:
         return Site(
@@ -103,7 +104,11 @@ def find_sites(model: ir.Model) -> list[NormSite]:
     for graph in model.graphs():
         covered: set[int] = set()
         for node in graph:
-            site = _fused_site(node) or _decomposed_site(node, model, covered)
+            if id(node) in covered:
+                continue
+            site = _fused_site(node, model) or _decomposed_site(node, model, covered)
+            if site is not None:
+                covered.update(id(n) for n in site.nodes)
             if site is not None:
                 sites.append(site)
     return sites
@@ -127,7 +132,7 @@ def inspect(model: ir.Model) -> list[dict]:
     return [asdict(s) for s in sites]
 
 
-def _fused_site(node: ir.Node) -> NormSite | None:
+def _fused_site(node: ir.Node, model: ir.Model | None = None) -> NormSite | None:
     domain = "" if node.domain == "ai.onnx" else node.domain
     kind = FUSED_KINDS.get((domain, node.op_type))
     if kind is None:
@@ -136,12 +141,16 @@ def _fused_site(node: ir.Node) -> NormSite | None:
     skip = 2 if node.op_type.startswith("Skip") else 1  # Skip*Norm: (input, skip, gamma, beta, bias)
     gamma = node.inputs[skip] if len(node.inputs) > skip else None
     beta = node.inputs[skip + 1] if kind == "LayerNorm" and len(node.inputs) > skip + 1 else None
+    nodes, y = [node], node.outputs[0]
+    if kind == "RMSNorm" and skip == 1 and model is not None:
+        y, _, beta, tail = _affine_tail(y, "beta-only", model)  # a beta added after the op, as normfold emits
+        nodes += tail
     return NormSite(
         kind=kind,
         spelling=node.op_type if not domain else f"{domain}.{node.op_type}",
-        nodes=[node],
+        nodes=nodes,
         x=node.inputs[0],
-        y=node.outputs[0],
+        y=y,
         axis=node.attributes.get_int("axis", default_axis),
         epsilon=_as_float32_text(node.attributes.get_float("epsilon", _DEFAULT_EPSILON[kind])),
         gamma=gamma if kind in ("LayerNorm", "RMSNorm") else None,
@@ -241,11 +250,11 @@ def _is_one(array: np.ndarray | None) -> bool:
 
 
 def _affine_tail(normalized: ir.Value, kind: str, model: ir.Model):
-    """Absorbs a following Mul by a constant gamma (and, for LayerNorm, Add of a constant beta) whose
-    shape is (d,) or (1, ..., 1, d): a per-position constant is not a norm's affine and stays outside.
-    Returns (output, gamma, beta, nodes)."""
+    """Absorbs a following Mul by a constant gamma and Add of a constant beta (only the Add for
+    kind "beta-only") whose shape is (d,) or (1, ..., 1, d): a per-position constant is not a norm's
+    affine and stays outside. Returns (output, gamma, beta, nodes)."""
     nodes, value, operands = [], normalized, {"Mul": None, "Add": None}
-    for op in ("Mul", "Add") if kind == "LayerNorm" else ("Mul",):
+    for op in {"beta-only": ("Add",)}.get(kind, ("Mul", "Add")):
         user = _single_user(value)
         if not _is_op(user, op):
             break

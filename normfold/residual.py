@@ -29,7 +29,7 @@ from normfold.detect import NormSite
 
 VIEW_OPS = {"Identity", "Dropout", "Cast", "Reshape", "Slice", "Gather", "Concat", "Squeeze", "Unsqueeze",
             "Expand", "Transpose"}
-"""Ops that may pass a stream value on unchanged along the width axis (checked per node by `_keeps_width`)."""
+"""Ops that may pass a stream value on unchanged along the width axis (checked per node by `keeps_width`)."""
 
 
 @dataclass(eq=False)
@@ -92,12 +92,12 @@ def _readers_in(value: ir.Value, members, readers, site_nodes, model) -> bool:
             continue
         if id(node.outputs[0]) not in members:
             return False
-        if node.op_type != "Add" and not _keeps_width(node, index, model):
+        if node.op_type != "Add" and not keeps_width(node, index, model):
             return False
     return True
 
 
-def _keeps_width(node: ir.Node, index: int, model: ir.Model) -> bool:
+def keeps_width(node: ir.Node, index: int, model: ir.Model) -> bool:
     """True when `node` passes input `index` on with its last axis intact (values only moved along others)."""
     op = node.op_type
     if index != 0 and op not in ("Concat",):

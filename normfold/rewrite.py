@@ -108,3 +108,22 @@ def replace_value(old: ir.Value, replacement: ir.Value) -> None:
         replacement.shape = old.shape or replacement.shape
     else:
         ir.convenience.replace_all_uses_with(old, replacement)
+
+
+def insert_after_value(value: ir.Value, node: ir.Node) -> None:
+    """Inserts `node`, which reads `value`, right after value's producer; every other reader of `value`
+    (and the graph output it may be, whose name moves to the node's output) reads the node's output."""
+    value.producer().graph.insert_after(value.producer(), node)
+    node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
+    uses = [(user, index) for user, index in value.uses() if user is not node]
+    for user, index in uses:
+        user.replace_input_with(index, node.outputs[0])
+    if value.is_graph_output():
+        graph = value.producer().graph
+        name = value.name
+        position = next(i for i, out in enumerate(graph.outputs) if out is value)
+        value.name = f"{name}_before_{node.op_type.lower()}"
+        node.outputs[0].name = name
+        node.outputs[0].type = value.type
+        node.outputs[0].shape = value.shape
+        graph.outputs[position] = node.outputs[0]

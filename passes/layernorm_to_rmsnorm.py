@@ -167,6 +167,7 @@ def _centre(value: ir.Value, use, model: ir.Model, target: str) -> ir.Value:
     order = {id(n): i for i, n in enumerate(uses[0][0].graph)}
     anchor = min((n for n, _ in uses), key=lambda n: order[id(n)])
     centred = Emitter(model, anchor, target).centre(value, name=f"{value.name}/recentre")
+    centred.shape, centred.type = value.shape, value.type
     for node, index in uses:
         node.replace_input_with(index, centred)
     return centred
@@ -177,6 +178,7 @@ def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> None:
     emitter = Emitter(model, site.nodes[-1], target)
     y = emitter.rmsnorm(site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
                         name=site.name)
+    y.shape, y.type = site.y.shape, site.y.type
     replace_value(site.y, y)
     graph = site.nodes[0].graph
     for node in reversed(site.nodes):

@@ -124,14 +124,26 @@ def within(case, reference, candidate, fraction: float = 1.0):
     return compare("out", reference, candidate, rtol=rtol * fraction, atol=atol * fraction)
 
 
-def check_equivalent(case: tg.TransformerCase, model: ir.Model, proto: onnx.ModelProto, ids: np.ndarray) -> None:
-    """Converted vs exact (always); normfold.verify vs the original when the original is accurate."""
+def check_equivalent(case: tg.TransformerCase, model: ir.Model, proto: onnx.ModelProto, ids: np.ndarray, *,
+                     fully_converted: bool) -> None:
+    """The converted model (onnxruntime, optimizations on) against the exact float64 result.
+
+    Fully converted: within the tolerance, whatever the low-precision original's own error. Partly
+    converted (the unconverted LayerNorms keep the original's rounding): within the tolerance plus the
+    original's worst error, i.e. no less accurate than the original. In both cases normfold.verify
+    against the original must pass whenever that original is within half the tolerance of exact."""
+    rtol, atol = case.tolerance
     exact = tg.exact_outputs(case.model, ids)
     original = tg.run(case.model, ids)
     converted = tg.run(proto, ids, optimize=True)
-    for name, e, c in zip(("logits", "stream"), exact, converted):
-        check = within(case, e, c)
-        assert check.passed, f"{name} vs exact: {check.message} (max abs {check.max_abs_error:.3g})"
+    for name, e, o, c in zip(("logits", "stream"), exact, original, converted):
+        e64, o64, c64 = (np.asarray(a, dtype=np.float64) for a in (e, o, c))
+        scale = max(1.0, float(np.sqrt(np.mean(np.square(e64)))))
+        slack = 0.0 if fully_converted else float(np.abs(o64 - e64).max())
+        excess = np.abs(c64 - e64) - (atol * scale + rtol * np.abs(e64) + slack)
+        assert np.isfinite(c64).all() and excess.max() <= 0, (
+            f"{name} vs exact: max abs error {np.abs(c64 - e64).max():.3g}, original's {np.abs(o64 - e64).max():.3g}, "
+            f"allowed {atol * scale:.3g} + {rtol:g} |exact| + {slack:.3g}")
     if all(within(case, e, o, 0.5).passed for e, o in zip(exact, original)):
         event("verified against the low-precision original")
         result = normfold.verify(from_proto(case.model), model, inputs={"ids": ids}, tolerance_class="renorm")
@@ -169,7 +181,7 @@ def check_pre_ln(case: tg.TransformerCase, target: str, data) -> None:
         assert entry.skipped == []
     if target == "onnx":
         onnx.checker.check_model(proto)
-    check_equivalent(case, model, proto, draw_ids(case, data))
+    check_equivalent(case, model, proto, draw_ids(case, data), fully_converted=not bug)
     check_idempotent(proto, target)
 
 
@@ -195,7 +207,7 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
     entry = report.passes[0]
     left = layernorms_left(model)
     ids = draw_ids(case, data)
-    check_equivalent(case, model, proto, ids)
+    check_equivalent(case, model, proto, ids, fully_converted=False)
     check_idempotent(proto, target)
     assert {s.node.split("/")[0] for s in entry.skipped} == left
     assert entry.applied == c.layernorms - len(left)
