@@ -86,7 +86,8 @@ def test_nothing_to_rewrite_exits_0_without_output(tmp_path, capsys):
 def test_passes_lists_every_pass(capsys):
     assert main(["passes"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:2] for line in lines] == [["fold-batchnorm", "exact"], ["layernorm-to-rmsnorm", "exact"]]
+    assert [line.split()[:2] for line in lines] == [
+        ["fold-batchnorm", "exact"], ["layernorm-to-rmsnorm", "exact"], ["fold-norm-affine", "exact"]]
 
 
 def test_inspect_text_and_json(model_path, capsys):

@@ -15,11 +15,12 @@ from toy_models import conv_bn
 
 
 def test_default_passes_are_every_exact_pass():
-    assert [p.name for p in pipeline.resolve_passes(None)] == ["fold-batchnorm", "layernorm-to-rmsnorm"]
+    assert [p.name for p in pipeline.resolve_passes(None)] == [
+        "fold-batchnorm", "layernorm-to-rmsnorm", "fold-norm-affine"]
 
 
 def test_unknown_and_empty_pass_lists_are_refused():
-    with pytest.raises(InputError, match="unknown pass 'nope'; known passes: fold-batchnorm, layernorm-to-rmsnorm"):
+    with pytest.raises(InputError, match="unknown pass 'nope'; known passes: fold-batchnorm, layernorm-to-rmsnorm, fold"):
         pipeline.resolve_passes(["nope"])
     with pytest.raises(InputError, match="no passes selected"):
         pipeline.resolve_passes([])

@@ -53,7 +53,10 @@ def convert(case: tg.TransformerCase, target: str = "onnx", *, verify: bool = Tr
 
 
 def layernorm_sites(model: ir.Model) -> list:
-    return [s for s in find_sites(model) if s.kind == "LayerNorm"]
+    """LayerNorm sites, found on a copy annotated with inferred shapes (the pass strips the shapes it
+    inferred, and decomposed norms over positive axes need the rank to be recognised)."""
+    proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model), data_prop=True)
+    return [s for s in find_sites(from_proto(proto)) if s.kind == "LayerNorm"]
 
 
 def remaining_layernorms(model: ir.Model) -> set[str]:
@@ -124,6 +127,8 @@ BUILDER_CONFIGS = [
     tg.Config(final_ln=False),
     tg.Config(dynamic=True, proj="gemm", pos="const"),
     tg.Config(dynamic=True, opset=18, ln_spelling="decomposed"),
+    tg.Config(dynamic=True, opset=13, ln_spelling="decomposed", proj="gemm", flat_ln=True, positive_axes=True),
+    tg.Config(dropout=True, flat_ln=True, positive_axes=True, ln_spelling="reciprocal"),
     *[tg.Config(dtype="float16", ln_spelling=s, opset=o) for s, o in SPELLING_OPSETS],
     tg.Config(dtype="float16", ln_spelling="decomposed", fp16_affine="inside"),
 ]
@@ -189,6 +194,13 @@ KNOBS = {
     "phi_parallel": dict(parallel="phi"),
     "phi_parallel_deep": dict(parallel="phi", depth=3, mlp="swiglu", ln_spelling="reciprocal"),
     "eps_1e-6": dict(eps=1e-6),
+    "dropout": dict(dropout=True, ln_spelling="decomposed"),
+    "positive_axes": dict(positive_axes=True, ln_spelling="decomposed"),
+    "positive_axes_opset18": dict(positive_axes=True, ln_spelling="reciprocal", opset=18),
+    "flat_ln": dict(flat_ln=True),
+    "flat_ln_decomposed": dict(flat_ln=True, ln_spelling="decomposed_mul", positive_axes=True),
+    "neox_parallel": dict(parallel="neox"),
+    "bloom_like": dict(embedding_ln=True, pos="none", mlp="gelu", ln_spelling="fused"),
     "opset23_decomposed": dict(ln_spelling="decomposed", opset=23, mlp="swiglu"),
 }
 
@@ -214,6 +226,33 @@ def test_dynamic_axes_convert(knobs, target):
     assert_all_converted(case, model, report)
     assert_exact(case, proto, ids)
     assert_exact(case, proto, ids[:, :3])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: opset 13 + dynamic axes + Reshape to a computed shape (HF GPT-2's Conv1D "
+                   "as Reshape -> Gemm -> Reshape(Concat(Shape(x)[:-1], [d])), or an LN on a flattened view): onnx "
+                   "shape inference leaves the Reshape output without a shape at opset 13, recentre.plan raises "
+                   "'width unknown', every branch output needs an explicit centring, and _post_ln_chains refuses the "
+                   "whole Pre-LN model as 'Post-LN'")
+@pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(flat_ln=True), dict(proj="gemm", fused_qkv=True, tied="transpose")],
+                         ids=["gemm", "flat_ln", "gpt2_optimum_opset13"])
+def test_opset13_dynamic_axes_with_computed_reshapes_convert(knobs):
+    """What torch.onnx (TorchScript) / optimum write for GPT-2 at opset 13 with dynamic axes."""
+    case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, **knobs)
+    model, report, proto = convert(case, "ort")
+    assert_all_converted(case, model, report)
+    assert_exact(case, proto)
+
+
+@pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(flat_ln=True)], ids=["gemm", "flat_ln"])
+def test_opset13_dynamic_axes_refusal_is_not_called_post_ln(knobs):
+    """Whatever is decided for a Pre-LN model whose widths are not inferred, the report must not call it Post-LN."""
+    case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, **knobs)
+    _, report, proto = convert(case, "ort")
+    if report.passes[0].applied < case.config.layernorms:
+        reasons = [s.reason for s in report.passes[0].skipped]
+        if any("Post-LN" in r for r in reasons):
+            pytest.xfail(f"BUG: Pre-LN model refused as Post-LN: {reasons[0]}")
+    assert_exact(case, proto)
 
 
 @pytest.mark.parametrize("spelling,opset", [("fused", 17), ("fused", 23), ("decomposed", 13), ("reciprocal", 18)])
@@ -329,9 +368,6 @@ def test_phi_parallel_block_with_one_shared_layernorm(target):
     assert_exact(case, proto)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a stream value read by two LayerNorms (GPT-NeoX/GPT-J parallel block, "
-                   "LN1(h) and LN2(h)) is not recognised as a stream: residual.layernorm_readers keeps one site per "
-                   "value (dict keyed by id(site.x)), so the other LN counts as a foreign reader")
 @pytest.mark.parametrize("target", TARGETS)
 def test_neox_parallel_block_with_two_layernorms(target):
     case = tg.build(parallel="neox", depth=2, embedding_offset=OFFSET)
@@ -340,8 +376,8 @@ def test_neox_parallel_block_with_two_layernorms(target):
     assert_exact(case, proto)
 
 
-def test_neox_parallel_block_result_is_still_exact():
-    """Whatever the pass converts in a NeoX-style model (today: only ln_f), the result is equivalent."""
+def test_neox_parallel_block_verifies():
+    """GPT-NeoX adds the branches first, (attn + mlp) + h: both output projections are recentred."""
     case = tg.build(parallel="neox", depth=2, embedding_offset=OFFSET)
     model, report, proto = convert(case, "ort")
     assert report.verification["passed"]
@@ -349,10 +385,6 @@ def test_neox_parallel_block_result_is_still_exact():
 
 
 # -- embedding LayerNorm (BLOOM) -------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: with an embedding LayerNorm (BLOOM) the explicit centring op is wired "
-                   "into the residual Add but the next LayerNorm's RMSNorm still reads the uncentred value: "
-                   "_centre rewires all uses (the LN nodes included) before _replace_with_rmsnorm emits from "
-                   "the stale NormSite.x; convert raises VerificationError (verify=False: wrong logits)")
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("spelling", ["fused", "decomposed"])
 def test_embedding_layernorm_gets_an_explicit_centre(spelling, target):
@@ -420,9 +452,6 @@ POST_LN = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Post-LN is converted (an explicit x - mean(x) is inserted before each "
-                   "residual Add) instead of refused: each Post-LN stream is {h + branch} with h external, so "
-                   "_is_residual_sum never holds, `sums` is empty and _depends_on never triggers the Post-LN refusal")
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("knobs", POST_LN.values(), ids=POST_LN.keys())
 def test_post_ln_is_refused_and_unchanged(knobs, target):
@@ -437,7 +466,7 @@ def test_post_ln_is_refused_and_unchanged(knobs, target):
 
 
 @pytest.mark.parametrize("knobs", POST_LN.values(), ids=POST_LN.keys())
-def test_post_ln_whatever_is_done_is_exact(knobs):
+def test_post_ln_result_is_exact(knobs):
     case = tg.build(embedding_offset=OFFSET, **knobs)
     _, report, proto = convert(case, "ort")
     assert report.verification is None or report.verification["passed"]
