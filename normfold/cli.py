@@ -145,6 +145,8 @@ def cmd_inspect(args) -> int:
     for site in sites:
         print(f"{site['kind']} {site['name']}: {site['spelling']}, axis {site['axis']}, eps {site['epsilon']}, "
               f"{site['dtype']}, {len(site['nodes'])} node(s)")
+        if site["placement"]:
+            print(f"  placement: {site['placement']} ({site['placement_reason']})")
         for name, verdict in site["passes"].items():
             print(f"  {name}: {verdict}")
     return 0

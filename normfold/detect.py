@@ -54,6 +54,8 @@ class Site:
     dtype: str | None
     input: str
     output: str
+    placement: str | None = None
+    placement_reason: str | None = None
     passes: dict[str, str] = field(default_factory=dict)
 
 
@@ -119,7 +121,13 @@ def inspect(model: ir.Model) -> list[dict]:
     from normfold.pipeline import run_passes, snapshot
     from normfold.passes import PASSES
 
-    sites = [site.describe() for site in find_sites(model)]
+    from normfold.residual import placements
+
+    found = find_sites(model)
+    sites = [site.describe() for site in found]
+    where = placements(model, found)
+    for site, view in zip(found, sites):
+        view.placement, view.placement_reason = where.get(id(site.nodes[0]), (None, None))
     for cls in PASSES.values():
         handled = [s for s in sites if s.kind in cls.handles]
         if not handled:
@@ -129,6 +137,8 @@ def inspect(model: ir.Model) -> list[dict]:
         reasons = {skip.node: skip.reason for skip in report.passes[0].skipped}
         for site in handled:
             site.passes[cls.name] = f"does not apply: {reasons[site.name]}" if site.name in reasons else "applies"
+            if reasons.get(site.name, "").startswith("Post-LN"):
+                site.placement, site.placement_reason = "Post-LN", reasons[site.name]
     return [asdict(s) for s in sites]
 
 

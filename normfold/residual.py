@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from normfold.constants import constant
 from normfold.detect import NormSite
+from normfold.report import node_label
 
 VIEW_OPS = {"Identity", "Dropout", "Cast", "Reshape", "Slice", "Gather", "Concat", "Squeeze", "Unsqueeze",
             "Expand", "Transpose"}
@@ -194,3 +195,42 @@ def _last_axis(value: ir.Value | None) -> int | None:
 
 def _is_default(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
+
+
+def placements(model: ir.Model, sites: list[NormSite]) -> dict[int, tuple[str, str]]:
+    """Where each LayerNorm sits, keyed by id of its first node: (placement, why).
+
+    "Pre-LN": it reads a stream that goes on into a residual Add; "final": it reads the end of a
+    stream; "embedding": it is its stream's only reader (an embedding sum) and its output writes
+    another stream; "other": its input is read by something that sees the mean (see `why_outside`).
+    A Post-LN model's norms are first found as "embedding"/"final"-like pieces; the conversion pass
+    tells them apart by their writers (normfold inspect reports its verdict).
+    """
+    streams = find_streams(model, sites)
+    writers = {id(v) for s in streams for v in s.leaves} | {id(n.inputs[i]) for s in streams for n, i in s.external}
+    result = {}
+    for stream in streams:
+        for site in stream.readers:
+            continues = any(user.op_type == "Add" for user, _ in site.x.uses())
+            if len(stream.readers) == 1 and id(site.y) in writers:
+                result[id(site.nodes[0])] = ("embedding", "it normalizes an embedding and its output starts the stream")
+            elif continues:
+                result[id(site.nodes[0])] = ("Pre-LN", "it reads the residual stream, which goes on past it")
+            else:
+                result[id(site.nodes[0])] = ("final", "it reads the end of the residual stream")
+    for site in sites:
+        if site.kind == "LayerNorm" and id(site.nodes[0]) not in result:
+            result[id(site.nodes[0])] = ("other", why_outside(site))
+    return result
+
+
+def why_outside(site: NormSite) -> str:
+    """Why a LayerNorm's input is not part of any stream: the first reader that sees its mean."""
+    x = site.x
+    if x.is_graph_output():
+        return f"the value it normalizes, {x.name!r}, is a graph output, so its mean is observable"
+    inside = {id(n) for n in site.nodes}
+    for node, _ in x.uses():
+        if id(node) not in inside and node.op_type != "Add" and node.op_type not in VIEW_OPS:
+            return f"the value it normalizes, {x.name!r}, is also read by {node_label(node)}, which sees its mean"
+    return f"the value it normalizes, {x.name!r}, reaches a reader that is not invariant to its mean"

@@ -24,7 +24,7 @@ from normfold.detect import NormSite, find_sites
 from normfold.emit import Emitter
 from normfold.recentre import NotFoldable
 from normfold.report import node_label
-from normfold.residual import Stream, find_streams
+from normfold.residual import Stream, find_streams, why_outside
 from normfold.rewrite import NormPass, replace_value
 
 
@@ -57,7 +57,7 @@ class LayerNormToRMSNorm(NormPass):
         in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
         for site in sites:
             if id(site.nodes[0]) not in in_streams:
-                self.skip(site.nodes[0], _why_outside(site))
+                self.skip(site.nodes[0], why_outside(site))
 
     def _convert(self, stream: Stream, edits, explicit, model: ir.Model) -> None:
         replaceable = []
@@ -106,7 +106,8 @@ def _post_ln_chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
         if id(stream) in plans and id(stream) not in refused:
             outputs = {id(s.y) for s in stream.readers}
             if any(_depends_on_any(value, outputs) is not None or id(value) in outputs for value in chain):
-                refused[id(stream)] = (stream, f"its output feeds the residual chain of a Post-LN model ({reason})")
+                refused[id(stream)] = (stream, f"Post-LN: its output feeds the residual chain of a Post-LN model "
+                                               f"({reason.removeprefix('Post-LN: ')})")
     return {stream: reason for stream, reason in refused.values()}
 
 
@@ -148,17 +149,6 @@ def _not_self_contained(site: NormSite) -> str:
             if out.is_graph_output() or any(id(user) not in inside for user, _ in out.uses()):
                 return f"its intermediate value {out.name!r} is used outside the LayerNorm"
     return ""
-
-
-def _why_outside(site: NormSite) -> str:
-    x = site.x
-    if x.is_graph_output():
-        return f"the value it normalizes, {x.name!r}, is a graph output, so its mean is observable"
-    inside = {id(n) for n in site.nodes}
-    for node, _ in x.uses():
-        if id(node) not in inside and node.op_type not in ("Add",):
-            return f"the value it normalizes, {x.name!r}, is also read by {node_label(node)}, which sees its mean"
-    return f"the value it normalizes, {x.name!r}, reaches a reader that is not invariant to its mean"
 
 
 def _centre(value: ir.Value, use, model: ir.Model, target: str) -> ir.Value:

@@ -243,15 +243,14 @@ def test_opset13_dynamic_axes_with_computed_reshapes_convert(knobs):
     assert_exact(case, proto)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: the same Pre-LN models are reported as 'Post-LN: the stream is written "
+                   "by ...unflatten_out ... computed from another such writer' (a missed width is not Post-LN)")
 @pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(flat_ln=True)], ids=["gemm", "flat_ln"])
 def test_opset13_dynamic_axes_refusal_is_not_called_post_ln(knobs):
     """Whatever is decided for a Pre-LN model whose widths are not inferred, the report must not call it Post-LN."""
     case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, **knobs)
     _, report, proto = convert(case, "ort")
-    if report.passes[0].applied < case.config.layernorms:
-        reasons = [s.reason for s in report.passes[0].skipped]
-        if any("Post-LN" in r for r in reasons):
-            pytest.xfail(f"BUG: Pre-LN model refused as Post-LN: {reasons[0]}")
+    assert not [s for s in report.passes[0].skipped if "Post-LN" in s.reason]
     assert_exact(case, proto)
 
 
