@@ -203,7 +203,8 @@ def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site 
     output, gamma, beta, affine = _affine_tail(normalized, kind, model)
     nodes += affine
     cast_in = x.producer()
-    if _is_op(cast_in, "Cast"):
+    inside = {id(n) for n in nodes}
+    if _is_op(cast_in, "Cast") and all(id(user) in inside for user, _ in x.uses()):
         nodes.insert(0, cast_in)
         x = cast_in.inputs[0]
     if len(output.uses()) == 1 and _is_op(cast_out := output.uses()[0][0], "Cast"):

@@ -1,9 +1,10 @@
 """The rewrite passes, one rewrite per module; `PASSES` maps each pass name to its class."""
 
+from normfold.passes.emit_rmsnorm import EmitRMSNorm
 from normfold.passes.fold_batchnorm import FoldBatchNorm
 from normfold.passes.fold_norm_affine import FoldNormAffine
 from normfold.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 
-PASSES = {cls.name: cls for cls in (FoldBatchNorm, LayerNormToRMSNorm, FoldNormAffine)}
+PASSES = {cls.name: cls for cls in (FoldBatchNorm, LayerNormToRMSNorm, EmitRMSNorm, FoldNormAffine)}
 
-__all__ = ["PASSES", "FoldBatchNorm", "FoldNormAffine", "LayerNormToRMSNorm"]
+__all__ = ["PASSES", "EmitRMSNorm", "FoldBatchNorm", "FoldNormAffine", "LayerNormToRMSNorm"]

@@ -16,7 +16,7 @@ from toy_models import conv_bn
 
 def test_default_passes_are_every_exact_pass():
     assert [p.name for p in pipeline.resolve_passes(None)] == [
-        "fold-batchnorm", "layernorm-to-rmsnorm", "fold-norm-affine"]
+        "fold-batchnorm", "layernorm-to-rmsnorm", "emit-rmsnorm", "fold-norm-affine"]
 
 
 def test_unknown_and_empty_pass_lists_are_refused():

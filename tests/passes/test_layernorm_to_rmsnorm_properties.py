@@ -22,8 +22,9 @@ fp16 1e-2 / 1e-2 * scale), never loosened:
   every reason.
 
 Known bugs (KNOWN_BUGS; each has a strict xfail in test_layernorm_to_rmsnorm.py): while listed, the
-properties skip the knob (fp16 affine inside the Casts) or only check exactness (opset 13 with
-dynamic axes and computed Reshapes). Remove the entry when the bug is fixed, and the properties
+properties skip the knob (fp16 affine inside the Casts), only check exactness (opset 13 with
+dynamic axes and computed Reshapes) or skip the reason checks (Pre-LN refusals reported as
+Post-LN). Remove the entry when the bug is fixed, and the properties
 cover the knob fully.
 
 Example counts: 200 fp32 + 60 fp16 + 60 negative examples in CI (about 30 s on 2 cores). Long mode:
@@ -64,6 +65,9 @@ KNOWN_BUGS = {
     "opset13_computed_reshape": "opset 13, dynamic axes, Reshape to a computed shape (Gemm projections or flattened "
                                 "LNs): width not inferred, Pre-LN refused as 'Post-LN' "
                                 "(test_opset13_dynamic_axes_with_computed_reshapes_convert)",
+    "post_ln_mislabel": "Pre-LN streams that would each need an explicit centre (LNs on a flattened view of an "
+                        "observable stream value; the opset 13 case above) are refused as 'Post-LN' "
+                        "(test_pre_ln_refusals_are_not_called_post_ln)",
 }
 
 
@@ -73,6 +77,11 @@ def incomplete_by_known_bug(c: tg.Config) -> str | None:
             "opset13_computed_reshape" in KNOWN_BUGS:
         return "opset13_computed_reshape"
     return None
+
+
+def mislabelled_as_post_ln(c: tg.Config) -> bool:
+    """Pre-LN configs whose refusals the pass reports as Post-LN (KNOWN_BUGS 'post_ln_mislabel')."""
+    return "post_ln_mislabel" in KNOWN_BUGS and (c.flat_ln or incomplete_by_known_bug(c) is not None)
 
 
 # -- strategies ------------------------------------------------------------------------------------------
@@ -220,9 +229,6 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
     check_idempotent(proto, target)
     assert {s.node.split("/")[0] for s in entry.skipped} == left
     assert entry.applied == c.layernorms - len(left)
-    if incomplete_by_known_bug(c) and not c.post_ln:
-        event("known bug: exactness only")
-        return
     if c.post_ln:
         event("post_ln")
         assert entry.applied == 0 and left == set(case.ln_names)
@@ -235,8 +241,7 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
         reader = f"blk{i + 1}.ln1" if i + 1 < c.depth else "ln_f"
         upstream = {n for n in case.ln_names if n.split(".")[0] in {f"blk{j}" for j in range(i + 1)}}
         assert np.array_equal(tg.run(case.model, ids)[1], tg.run(proto, ids)[1])
-        reason = next(s.reason for s in entry.skipped if s.node.split("/")[0] == reader)
-        assert "graph output" in reason
+        expected = "graph output"
     else:
         i = c.raw_reader
         event("stream value read by a MatMul")
@@ -244,8 +249,14 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
         upstream = {n for n in case.ln_names if n.split(".")[0] in {f"blk{j}" for j in range(i)}}
         if c.parallel == "neox":
             upstream.add(f"blk{i}.ln2")  # reads the same value as ln1
-        reason = next(s.reason for s in entry.skipped if s.node.split("/")[0] == reader)
-        assert f"blk{i}.attn.v" in reason
+        expected = f"blk{i}.attn.v"
+    if mislabelled_as_post_ln(c):
+        event("known bug: Pre-LN refusal reported as Post-LN")
+    else:
+        assert not [s for s in entry.skipped if "Post-LN" in s.reason], entry.skipped
+        if not c.flat_ln:  # a flattened LN reads a view of the observable value, not the value itself
+            reason = next(s.reason for s in entry.skipped if s.node.split("/")[0] == reader)
+            assert expected in reason, reason
     if c.embedding_ln:
         upstream.add("emb_ln")
     assert {reader} | upstream <= left, (reader, upstream, left)

@@ -1,0 +1,490 @@
+#!/usr/bin/env python3
+"""Benchmark of the layernorm-to-rmsnorm pass on a DeiT-Tiny-size ViT and a GPT-2-small-size decoder.
+
+    python benchmarks/bench_layernorm_to_rmsnorm.py [--repeats N] [--warmups N] [--models deit_tiny,gpt2_small]
+                                                    [--out benchmarks/results/layernorm_to_rmsnorm.md]
+
+What it measures (see benchmarks/README.md for the details and how to read the tables):
+
+1. Builds both models with the dynamo exporter (opset 18, float32; in a child process, so torch never
+   enters this process; cached in --work-dir): a DeiT-Tiny-size ViT (width 192, 12 layers, 3 heads,
+   MLP 768, patch 16, 224x224 images, 1000 classes, batch 8) and a GPT-2-small-size decoder (width
+   768, 12 layers, 12 heads, MLP 3072, vocab 50257, tied head, sequence 512, batch 1).
+2. Makes the variants of each, in this process: layernorm-to-rmsnorm with target "ort"
+   (SimplifiedLayerNormalization) and target "onnx" (decomposed standard ONNX, opset 18);
+   layernorm-to-crmsnorm (target "ort") when normfold has that pass; and the "no-norm bound", every
+   LayerNormalization replaced by its input (a different function: only a bound on what removing the
+   norms could save).
+3. Verifies each converted variant against the original once (normfold.verify, tolerance class
+   "renorm"), and the original against itself (onnxruntime's own optimizations only: the error floor).
+4. onnxruntime CPU latency: normfold.bench.benchmark with every variant of one model in one process
+   and interleaved repetitions, plus a second session of the original (the A/A row: the noise floor
+   of a ratio), once with ORT_ENABLE_ALL and once with ORT_DISABLE_ALL.
+5. The norm ops onnxruntime's ORT_ENABLE_ALL optimizer leaves in each variant (from the graph it
+   saves with SessionOptions.optimized_model_filepath): whether its Add+norm (Skip*) fusions fire.
+
+Every ratio compares figures measured in the same run; no absolute timing is meant to be compared
+across machines or runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fold_batchnorm import log, machine_info, run_child  # noqa: E402  (shared benchmark helpers)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "layernorm_to_rmsnorm.md"
+SEED = 0
+OPSET = 18
+EXPORTER = "dynamo"
+PASS = "layernorm-to-rmsnorm"
+CRMS_PASS = "layernorm-to-crmsnorm"
+
+# name -> factory in normfold.models, its size knobs, the batch, and a description for the report.
+MODELS = {
+    "deit_tiny": {
+        "factory": "vit",
+        "size": {"width": 192, "depth": 12, "heads": 3, "patch": 16, "num_classes": 1000, "image_size": 224},
+        "batch": 8,
+        "title": "DeiT-Tiny-size ViT",
+        "describe": "width 192, 12 layers, 3 heads, MLP 768, patch 16, 224x224 images, 1000 classes; input 8x3x224x224",
+    },
+    "gpt2_small": {
+        "factory": "gpt2_tied",
+        "size": {"width": 768, "depth": 12, "heads": 12, "vocab": 50257, "seq": 512},
+        "batch": 1,
+        "title": "GPT-2-small-size decoder",
+        "describe": "width 768, 12 layers, 12 heads, MLP 3072, vocab {vocab}, tied LM head; input ids 1x512",
+    },
+}
+
+# The norm ops counted in onnxruntime's optimized graph (plus the ops a decomposed norm leaves).
+NORM_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "RMSNormalization")
+DECOMPOSED_OPS = ("ReduceMean", "Sqrt", "Pow")
+
+# --- child program ---------------------------------------------------------------------------------
+
+# Builds one model from normfold.models and exports it with normfold.models.export.to_onnx on the
+# benchmark's own inputs (batch and image size differ from the factories' test-sized defaults).
+_BUILD_CHILD = """
+import json, os, sys
+import numpy as np
+from normfold.models import build, example_inputs
+from normfold.models.export import to_onnx
+spec, seed, opset, exporter, dest = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+size = spec["size"]
+module = build(spec["factory"], seed, **size)
+if spec["factory"] == "vit":
+    shape = (spec["batch"], 3, size["image_size"], size["image_size"])
+    inputs = [np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)]
+else:
+    inputs = example_inputs(spec["factory"], seed, batch=spec["batch"], seq=size["seq"], vocab=size["vocab"])
+tmp = dest + ".partial"
+to_onnx(module, inputs, tmp, opset=opset, exporter=exporter, dtype="float32")
+os.replace(tmp, dest)
+print(json.dumps({"parameters": sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())}))
+"""
+
+# --- steps -----------------------------------------------------------------------------------------
+
+
+def model_path(work: Path, name: str, spec: dict) -> Path:
+    size = "_".join(f"{k}{v}" for k, v in sorted(spec["size"].items()))
+    return work / f"{name}_{spec['factory']}_{size}_b{spec['batch']}_{EXPORTER}_seed{SEED}_opset{OPSET}_fp32.onnx"
+
+
+def build_model(work: Path, name: str, spec: dict, rebuild: bool) -> tuple[Path, dict | None]:
+    """The cached model; builds it in a child process when missing (wall time and peak RSS reported)."""
+    path = model_path(work, name, spec)
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file() and not rebuild:
+        return path, None
+    log(f"building {name} ({EXPORTER} exporter) into {path} ...")
+    result = run_child(
+        [sys.executable, "-c", _BUILD_CHILD, json.dumps(spec), str(SEED), str(OPSET), EXPORTER, str(path)], cwd=work
+    )
+    info = json.loads(result["stdout"].strip().splitlines()[-1])
+    meta.write_text(json.dumps(info))
+    return path, {"wall_s": result["wall_s"], "rss_mib": result["rss_mib"]}
+
+
+def model_facts(path: Path) -> dict:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    info = json.loads(path.with_suffix(".json").read_text())
+    return {"mb": path.stat().st_size / 1e6, "nodes": sum(ops.values()), "ops": dict(ops), **info}
+
+
+def convert(src: Path, dst: Path, pass_name: str, target: str) -> dict:
+    import normfold
+    from normfold.passes import PASSES
+
+    start = time.perf_counter()
+    model, report = normfold.convert(src, [pass_name], target=target, verify=False,
+                                     approximate=not PASSES[pass_name].exact)
+    convert_s = time.perf_counter() - start
+    normfold.save(model, dst, force=True)
+    entry = next(p for p in report.passes if p.name == pass_name)
+    return {
+        "seconds": convert_s,
+        "applied": entry.applied,
+        "skipped": [str(s) for s in entry.skipped],
+        "ops_after": dict(report.ops_after),
+    }
+
+
+def strip_layernorms(src: Path, dst: Path) -> dict:
+    """The no-norm bound: every LayerNormalization's output rewired to its input (an Identity where
+    the output is a graph output); its gamma/beta initializers dropped when nothing else reads them."""
+    import onnx
+
+    start = time.perf_counter()
+    model = onnx.load(str(src))
+    graph = model.graph
+    graph_outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    kept, replaced = [], 0
+    for node in graph.node:
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+            if any(node.output[1:]):
+                raise RuntimeError(f"{node.name}: LayerNormalization with Mean/InvStdDev outputs")
+            replaced += 1
+            if node.output[0] in graph_outputs:
+                kept.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+            else:
+                rename[node.output[0]] = node.input[0]
+                continue
+        else:
+            kept.append(node)
+
+    def resolve(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    def rewire(nodes) -> None:
+        for node in nodes:
+            node.input[:] = [resolve(i) for i in node.input]
+            for attr in node.attribute:  # names captured by subgraphs
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    rewire(sub.node)
+
+    rewire(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input} | graph_outputs
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    live_info = [v for v in graph.value_info if v.name not in rename]
+    del graph.value_info[:]
+    graph.value_info.extend(live_info)
+    onnx.save(model, str(dst))
+    return {"seconds": time.perf_counter() - start, "applied": replaced, "skipped": [],
+            "ops_after": dict(collections.Counter(n.op_type for n in graph.node))}
+
+
+def verify_once(reference: Path, candidate: Path) -> dict:
+    import normfold
+
+    start = time.perf_counter()
+    result = normfold.verify(reference, candidate, tolerance_class="renorm")
+    return {
+        "seconds": time.perf_counter() - start,
+        "passed": result.passed,
+        "max_abs_error": result.max_abs_error,
+        "max_rel_error": result.max_rel_error,
+        "summary": result.summary_lines(),
+    }
+
+
+def ort_optimized_ops(model_path: Path, scratch: Path) -> dict:
+    """Op counts of the graph onnxruntime's ORT_ENABLE_ALL optimization produces on the CPU provider."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    optimized = scratch / f"ort_optimized_{model_path.stem}.onnx"
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+    optimized.unlink(missing_ok=True)
+    for data in scratch.glob(f"ort_optimized_{model_path.stem}*"):
+        data.unlink(missing_ok=True)
+    return {"ops": dict(ops), "nodes": sum(ops.values())}
+
+
+def latency(paths: dict[str, Path], repeats: int, label: str) -> dict:
+    """One interleaved normfold.bench.benchmark call per optimization level over every variant."""
+    from normfold import bench
+
+    levels = {}
+    names = list(paths)
+    for level, optimize in (("ORT_ENABLE_ALL", True), ("ORT_DISABLE_ALL", False)):
+        log(f"{label}: latency, {level}, {len(names)} sessions, {bench.WARMUP_RUNS} warm-up(s), "
+            f"{repeats} interleaved repetitions ...")
+        start = time.perf_counter()
+        results = bench.benchmark([paths[n] for n in names], provider="cpu", repeats=repeats, optimize=optimize)
+        levels[level] = {n: r.to_dict() for n, r in zip(names, results)}
+        log(f"{label}: {level} done in {time.perf_counter() - start:.0f} s")
+    return levels
+
+
+def run_model(name: str, spec: dict, work: Path, scratch: Path, args) -> dict:
+    from normfold.passes import PASSES
+
+    original, build = build_model(work, name, spec, args.rebuild)
+    out = {"name": name, "spec": spec, "build": build, "facts": model_facts(original), "notes": [],
+           "variants": {}, "verify": {}, "ort_ops": {}}
+    variants: dict[str, Path] = {"original": original}
+    conversions = {}
+    plan = [("rmsnorm, target ort", PASS, "ort"), ("rmsnorm, target onnx", PASS, "onnx")]
+    if CRMS_PASS in PASSES:
+        plan.append(("crmsnorm, target ort", CRMS_PASS, "ort"))
+    else:
+        note = f"`{CRMS_PASS}` is not in normfold.passes.PASSES in this normfold: variant skipped."
+        out["notes"].append(note)
+        log(note)
+    for label, pass_name, target in plan:
+        dst = scratch / f"{name}_{label.split(',')[0]}_{target}.onnx"
+        log(f"{name}: converting ({pass_name}, target {target}, no verification) ...")
+        try:
+            conversions[label] = convert(original, dst, pass_name, target)
+        except Exception as exc:  # a pass under development must not sink the rest of the run
+            if pass_name == PASS:
+                raise
+            note = f"`{pass_name}` failed to convert {name}: {type(exc).__name__}: {str(exc)[:300]}"
+            out["notes"].append(note)
+            log(note)
+            continue
+        variants[label] = dst
+    log(f"{name}: building the no-norm bound ...")
+    bound = scratch / f"{name}_nonorm.onnx"
+    conversions["no-norm bound"] = strip_layernorms(original, bound)
+    variants["no-norm bound"] = bound
+    out["conversions"] = conversions
+
+    checks = [("original", original)] + [(k, p) for k, p in variants.items() if k not in ("original", "no-norm bound")]
+    for label, path in checks:
+        log(f"{name}: verifying {label} against the original ...")
+        out["verify"][label] = verify_once(original, path)
+    for label, path in variants.items():
+        log(f"{name}: onnxruntime ORT_ENABLE_ALL graph of {label} ...")
+        out["ort_ops"][label] = ort_optimized_ops(path, scratch)
+
+    timed = {"original": original}
+    if not args.no_aa:
+        timed["original (A/A: 2nd session)"] = original
+    timed.update((k, v) for k, v in variants.items() if k != "original")
+    out["latency"] = latency(timed, args.repeats, name)
+    out["variants"] = {k: {"mb": p.stat().st_size / 1e6} for k, p in variants.items()}
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+RATIO_TARGET = {"deit_tiny": 0.97}
+
+
+def _ratio(x: float, base: float) -> str:
+    return f"{x / base:.3f}"
+
+
+def render(info: dict, args, results: list[dict], total_s: float) -> str:
+    L = []
+    L.append("# layernorm-to-rmsnorm benchmark: Pre-LN transformers on onnxruntime CPU")
+    L.append("")
+    L.append(f"Command: `{args.command_line}`")
+    L.append("")
+    L.append("| machine | |")
+    L.append("|---|---|")
+    L.append(f"| date | {info['date']} |")
+    L.append(f"| CPU | {info['cpu']} |")
+    L.append(f"| cpu count (os.cpu_count / usable) | {info['cpu_count']} / {info['usable_cpus']} |")
+    L.append(f"| platform | {info['platform']} |")
+    L.append(f"| python | {info['python']} |")
+    L.append(f"| onnxruntime | {info['onnxruntime']} |")
+    L.append(f"| onnx / onnx-ir / numpy | {info['onnx']} / {info['onnx_ir']} / {info['numpy']} |")
+    L.append(f"| normfold | {info['normfold']} |")
+    L.append("")
+    L.append("## Models and conversion")
+    L.append("")
+    for r in results:
+        spec, facts = r["spec"], r["facts"]
+        describe = spec["describe"].format(**spec["size"])
+        L.append(
+            f"**{r['name']}**: {spec['title']} ({describe}); `{EXPORTER}` exporter, opset {OPSET}, float32, seed "
+            f"{SEED}: {facts['parameters'] / 1e6:.1f}M parameters, {facts['mb']:.1f} MB, {facts['nodes']} nodes "
+            f"({facts['ops'].get('LayerNormalization', 0)} LayerNormalization, {facts['ops'].get('Add', 0)} Add)."
+            + (f" Built in a child process in {r['build']['wall_s']:.0f} s, peak RSS {r['build']['rss_mib']:.0f} "
+               "MiB (cached for later runs)." if r["build"] else " (Cached model.)")
+        )
+        L.append("")
+        L.append("| variant | converted in s | norms rewritten | skipped | norm-related ops in the file | MB |")
+        L.append("|---|--:|--:|--:|---|--:|")
+        for label, c in r["conversions"].items():
+            shown = {k: v for k, v in c["ops_after"].items() if k in NORM_OPS + DECOMPOSED_OPS}
+            ops = ", ".join(f"{k} {v}" for k, v in sorted(shown.items())) or "none"
+            L.append(f"| {label} | {c['seconds']:.2f} | {c['applied']} | {len(c['skipped'])} | {ops} "
+                     f"| {r['variants'][label]['mb']:.1f} |")
+        L.append("")
+        for label, c in r["conversions"].items():
+            for reason in c["skipped"][:5]:
+                L.append(f"- {label}: skipped: {reason}")
+        for note in r["notes"]:
+            L.append(f"- Note: {note}")
+        L.append("")
+
+    L.append("## Verification against the original (`normfold.verify(original, variant, tolerance_class=\"renorm\")`)")
+    L.append("")
+    L.append("Reference: the original with every onnxruntime optimization off; candidate: the variant with "
+             "ORT_ENABLE_ALL. The row \"original\" compares the original with itself, so it shows what "
+             "onnxruntime's own optimizations alone change (the error floor).")
+    L.append("")
+    L.append("| model | variant | result | max abs error | max rel error | seconds |")
+    L.append("|---|---|---|--:|--:|--:|")
+    for r in results:
+        for label, v in r["verify"].items():
+            status = "passed" if v["passed"] else "**FAILED**"
+            L.append(f"| {r['name']} | {label} | {status} | {v['max_abs_error']:.3g} | {v['max_rel_error']:.3g} "
+                     f"| {v['seconds']:.1f} |")
+        L.append(f"| {r['name']} | no-norm bound | not verified: a different function | | | |")
+    L.append("")
+
+    for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+        L.append(f"## Latency, {level} (onnxruntime CPU; {args.warmups} warm-up run(s) per session, then "
+                 f"{args.repeats} interleaved repetitions)")
+        L.append("")
+        L.append("| model | variant | session s | median ms | p90 ms | median ratio to original "
+                 "| p90 ratio to original |")
+        L.append("|---|---|--:|--:|--:|--:|--:|")
+        for r in results:
+            lat = r["latency"][level]
+            base = lat["original"]
+            for label, x in lat.items():
+                bold = "**" if label not in ("original",) and not label.startswith("original (A/A") else ""
+                ratios = ("| |" if label == "original" else
+                          f"| {bold}{_ratio(x['median_ms'], base['median_ms'])}{bold} "
+                          f"| {_ratio(x['p90_ms'], base['p90_ms'])} |")
+                L.append(f"| {r['name']} | {label} | {x['session_seconds']:.2f} | {x['median_ms']:.1f} "
+                         f"| {x['p90_ms']:.1f} {ratios}")
+        L.append("")
+
+    L.append("## Norm ops onnxruntime leaves after ORT_ENABLE_ALL (CPU provider)")
+    L.append("")
+    L.append("Counted in the graph onnxruntime saves with `SessionOptions.optimized_model_filepath`. "
+             "Skip* ops are its fusion of the residual Add into the following norm.")
+    L.append("")
+    cols = NORM_OPS + DECOMPOSED_OPS + ("Add",)
+    short = {"LayerNormalization": "LN", "SkipLayerNormalization": "SkipLN",
+             "SimplifiedLayerNormalization": "SimplifiedLN", "SkipSimplifiedLayerNormalization": "SkipSimplifiedLN",
+             "RMSNormalization": "RMSNormalization"}
+    L.append("| model | variant | " + " | ".join(short.get(c, c) for c in cols) + " | nodes |")
+    L.append("|---|---|" + "--:|" * (len(cols) + 1))
+    for r in results:
+        for label, o in r["ort_ops"].items():
+            L.append(f"| {r['name']} | {label} | " + " | ".join(str(o["ops"].get(c, 0)) for c in cols)
+                     + f" | {o['nodes']} |")
+    L.append("")
+
+    L.append("## Targets")
+    L.append("")
+    L.append("Converted/original median latency: at most 0.97 on the DeiT-Tiny-size model, and no slowdown "
+             "(at most 1.00) on any model. Read against the A/A row: a ratio within the A/A row's distance "
+             "from 1 is no difference.")
+    L.append("")
+    L.append("| model | level | A/A ratio | variant | median ratio | target | met |")
+    L.append("|---|---|--:|---|--:|--:|---|")
+    for r in results:
+        for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+            lat = r["latency"][level]
+            base = lat["original"]["median_ms"]
+            aa = next((x for k, x in lat.items() if k.startswith("original (A/A")), None)
+            aa_s = "-" if aa is None else _ratio(aa["median_ms"], base)
+            for label in [k for k in lat if k.startswith(("rmsnorm", "crmsnorm"))]:
+                ratio = lat[label]["median_ms"] / base
+                target = RATIO_TARGET.get(r["name"], 1.0)
+                L.append(f"| {r['name']} | {level} | {aa_s} | {label} | {ratio:.3f} | {target:.2f} "
+                         f"| {'yes' if ratio <= target else '**no**'} |")
+    L.append("")
+    L.append(" ".join("""
+        Notes: the no-norm bound drops every LayerNormalization (its output rewired to its input), so
+        it computes something else; it bounds what any norm rewrite could save. The A/A row is a
+        second session of the original in the same interleaved loop: its ratio to the original is
+        the noise floor of every other ratio in the table. Session creation times are single
+        measurements. Ratios compare figures from this one run; the machine may be noisy, so read
+        ratios within the A/A distance of 1 as "no difference".""".split()))
+    L.append("")
+    L.append(f"Total benchmark time: {total_s:.0f} s.")
+    L.append("")
+    return "\n".join(L)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=8, help="interleaved latency repetitions per level and model")
+    parser.add_argument("--warmups", type=int, default=1,
+                        help="untimed runs per session before the repetitions (normfold.bench.WARMUP_RUNS)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--gpt2-vocab", type=int, default=MODELS["gpt2_small"]["size"]["vocab"],
+                        help="vocabulary of the GPT-2-size model (smaller exports need less memory)")
+    parser.add_argument("--no-aa", action="store_true", help="leave out the A/A row (a 2nd session of the original)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "normfold-bench",
+                        help="where the built models are cached and scratch outputs go")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached models")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmups < 0:
+        parser.error("--repeats must be at least 1 and --warmups at least 0")
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    args.command_line = " ".join(["python", os.path.relpath(__file__, Path.cwd()) if argv is None else "bench",
+                                  *(sys.argv[1:] if argv is None else argv)])
+
+    from normfold import bench
+
+    bench.WARMUP_RUNS = args.warmups  # runs of a second or more: one warm-up settles onnxruntime's arena
+
+    started = time.perf_counter()
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    results = []
+    try:
+        for name in names:
+            spec = json.loads(json.dumps(MODELS[name]))
+            if name == "gpt2_small":
+                spec["size"]["vocab"] = args.gpt2_vocab
+            results.append(run_model(name, spec, work, scratch, args))
+        info = machine_info()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = render(info, args, results, time.perf_counter() - started)
+    print(text)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    log(f"wrote {out}")
+    passed = all(v["passed"] for r in results for v in r["verify"].values())
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

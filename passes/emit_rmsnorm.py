@@ -1,0 +1,67 @@
+"""emit-rmsnorm: re-emits decomposed RMSNorms in the form the target runtime runs fastest.
+
+RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma is unchanged; only its spelling changes (normfold.emit):
+onnxruntime's SimplifiedLayerNormalization for target "ort", RMSNormalization at opset >= 23 for
+target "onnx", else the Div spelling that onnxruntime fuses. torch's dynamo exporter writes
+x * Reciprocal(Sqrt(...)) and TorchScript x * (1 / Sqrt(...)), which onnxruntime 1.2x does not fuse.
+A site already in the target's form, or whose intermediates are read elsewhere, is left as it is.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from normfold.detect import NormSite, find_sites
+from normfold.emit import RMS_OPSET, Emitter, resolve_target
+from normfold.rewrite import NormPass, replace_value
+from normfold.validate import default_opset
+
+
+class EmitRMSNorm(NormPass):
+    """Replaces decomposed RMSNorm subgraphs with the target's fused or fusable RMSNorm."""
+
+    name = "emit-rmsnorm"
+    tolerance_class = "renorm"
+    handles = ("RMSNorm",)
+    summary = "re-emit decomposed RMSNorms as the target's fast form (SimplifiedLayerNormalization, RMSNormalization)"
+
+    def rewrite(self, model: ir.Model) -> None:
+        target = resolve_target(self.target)
+        fused_form = target == "ort" or default_opset(model) >= RMS_OPSET
+        for site in find_sites(model):
+            if site.kind != "RMSNorm" or site.fused:
+                continue
+            if not fused_form and _divides(site):
+                continue  # already the Div spelling that onnxruntime fuses
+            reason = _escaping_intermediate(site)
+            if reason:
+                self.skip(site.nodes[0], reason)
+                continue
+            _re_emit(site, model, target)
+            self.applied()
+
+
+def _divides(site: NormSite) -> bool:
+    """True when the site normalizes with Div(x, rms), the spelling onnxruntime fuses."""
+    return any(n.op_type == "Div" and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "Sqrt"
+               for n in site.nodes)
+
+
+def _escaping_intermediate(site: NormSite) -> str:
+    inside = {id(n) for n in site.nodes}
+    for node in site.nodes:
+        for out in node.outputs:
+            if out is not site.y and (out.is_graph_output() or any(id(u) not in inside for u, _ in out.uses())):
+                return f"its intermediate value {out.name!r} is used outside the RMSNorm"
+    return ""
+
+
+def _re_emit(site: NormSite, model: ir.Model, target: str) -> None:
+    dtype = site.x.dtype or ir.DataType.FLOAT
+    y = Emitter(model, site.nodes[-1], target).rmsnorm(
+        site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype, name=site.name)
+    y.shape, y.type = site.y.shape, site.y.type
+    replace_value(site.y, y)
+    graph = site.nodes[0].graph
+    for node in reversed(site.nodes):
+        graph.remove(node, safe=True)
