@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from normfold.constants import constant
 from normfold.detect import NormSite, find_sites
 from normfold.emit import RMS_OPSET, Emitter, resolve_target
 from normfold.rewrite import NormPass, replace_value
@@ -31,7 +32,7 @@ class EmitRMSNorm(NormPass):
         for site in find_sites(model):
             if site.kind != "RMSNorm" or site.fused:
                 continue
-            if not fused_form and _divides(site):
+            if not fused_form and _divides(site, model):
                 continue  # already the Div spelling that onnxruntime fuses
             reason = _escaping_intermediate(site)
             if reason:
@@ -41,10 +42,10 @@ class EmitRMSNorm(NormPass):
             self.applied()
 
 
-def _divides(site: NormSite) -> bool:
-    """True when the site normalizes with Div(x, rms), the spelling onnxruntime fuses."""
+def _divides(site: NormSite, model: ir.Model) -> bool:
+    """True when the site normalizes with Div(x, rms), the spelling onnxruntime fuses (not Div(1, rms))."""
     return any(n.op_type == "Div" and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "Sqrt"
-               for n in site.nodes)
+               and constant(n.inputs[0], model).array is None for n in site.nodes)
 
 
 def _escaping_intermediate(site: NormSite) -> str:

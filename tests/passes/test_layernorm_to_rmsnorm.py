@@ -498,10 +498,18 @@ def test_stream_value_that_is_a_graph_output(knobs, target):
     assert_exact(case, proto, ids)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+REASON_NAMES_OWN_NODE = pytest.mark.xfail(
+    strict=True, reason="BUG: skip reasons for LayerNorms outside every stream are computed (residual.why_outside) "
+    "after the streams were rewritten, so when the raw reader sits behind a view (Reshape -> Gemm) the first "
+    "non-view reader is normfold's own inserted '.../recentre/mean' and the reason names it instead of the model's node")
+
+
 @pytest.mark.parametrize("knobs", [dict(depth=2, raw_reader=1), dict(depth=3, raw_reader=0, ln_spelling="reciprocal"),
-                                   dict(depth=2, raw_reader=1, parallel="phi", proj="gemm")],
-                         ids=["pre_ln", "first_block_decomposed", "phi_gemm"])
+                                   pytest.param(dict(depth=2, raw_reader=1, proj="gemm"), marks=REASON_NAMES_OWN_NODE),
+                                   pytest.param(dict(depth=2, raw_reader=1, parallel="phi", proj="gemm"),
+                                                marks=REASON_NAMES_OWN_NODE)],
+                         ids=["pre_ln", "first_block_decomposed", "gemm", "phi_gemm"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_stream_value_read_by_a_matmul(knobs, target):
     """Block i's value projection reads the raw stream: that stream value's mean is observable, so the
     LayerNorm reading it stays, with a reason naming the MatMul."""
@@ -514,6 +522,7 @@ def test_stream_value_read_by_a_matmul(knobs, target):
     assert reader in kept
     reasons = {s.node.split("/")[0]: s.reason for s in entry.skipped}
     assert set(reasons) == kept
+    assert "recentre" not in reasons[reader]  # names the model's reader, not a node normfold inserted
     assert f"blk{i}.attn.v" in reasons[reader] and "mean" in reasons[reader]
     assert entry.applied == case.config.layernorms - len(kept)
     assert report.verification is None or report.verification["passed"]

@@ -65,6 +65,8 @@ KNOWN_BUGS = {
     "opset13_computed_reshape": "opset 13, dynamic axes, Reshape to a computed shape (Gemm projections or flattened "
                                 "LNs): width not inferred, Pre-LN refused as 'Post-LN' "
                                 "(test_opset13_dynamic_axes_with_computed_reshapes_convert)",
+    "reason_names_own_node": "a raw reader behind a view (Gemm projections): the reason names normfold's own "
+                             "'/recentre/mean' node (test_stream_value_read_by_a_matmul[gemm])",
     "post_ln_mislabel": "Pre-LN streams that would each need an explicit centre (LNs on a flattened view of an "
                         "observable stream value; the opset 13 case above) are refused as 'Post-LN' "
                         "(test_pre_ln_refusals_are_not_called_post_ln)",
@@ -250,6 +252,8 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
         if c.parallel == "neox":
             upstream.add(f"blk{i}.ln2")  # reads the same value as ln1
         expected = f"blk{i}.attn.v"
+        if c.proj == "gemm" and "reason_names_own_node" in KNOWN_BUGS:
+            expected = ""
     if mislabelled_as_post_ln(c):
         event("known bug: Pre-LN refusal reported as Post-LN")
     else:
