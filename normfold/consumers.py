@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from normfold.constants import constant
 from normfold.report import node_label
+from normfold.rewrite import add_initializer, insert_after_value
 from normfold.residual import keeps_width
 
 MAX_VIEW_DEPTH = 8
@@ -64,3 +65,83 @@ def _linear(node: ir.Node, model: ir.Model) -> LinearReader:
     if weight.array.ndim != 2:
         raise NotLinear(f"the weight of MatMul {node_label(node)} has rank {weight.array.ndim}, expected 2")
     return LinearReader(node, weight.array, 0)
+
+
+def linear_edit(node: ir.Node, new_weight: np.ndarray, delta: np.ndarray | None, model: ir.Model):
+    """Checks and returns the edit giving a MatMul/Gemm reader `new_weight` and adding `delta` to its
+    output (into a following bias Add, Gemm's C, or a new Add)."""
+    if node.op_type == "Gemm":
+        return _gemm_edit(node, new_weight, delta, model)
+    return _matmul_edit(node, new_weight, delta, model)
+
+
+def _gemm_edit(node: ir.Node, new_weight, delta, model):
+    c = constant(node.inputs[2], model).array if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if len(node.inputs) > 2 and node.inputs[2] is not None and c is None:
+        raise NotLinear(f"the C input of Gemm {node.name!r} is not constant")
+    alpha = node.attributes.get_float("alpha", 1.0)
+    beta_g = node.attributes.get_float("beta", 1.0)
+    new_c = None
+    if delta is not None or c is not None:
+        new_c = (0.0 if c is None else beta_g * np.asarray(c, np.float64)) + (0.0 if delta is None else alpha * delta)
+        new_c = cast_checked(np.asarray(new_c), new_weight.dtype, "bias")
+
+    def apply() -> None:
+        _set_input(node, 1, new_weight, model, "weight")
+        if new_c is not None:
+            _set_input(node, 2, new_c, model, "bias")
+            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+
+    return apply
+
+
+def _matmul_edit(node: ir.Node, new_weight, delta, model):
+    delta = None if delta is None else cast_checked(delta, new_weight.dtype, "bias")
+    bias_add, bias_index, bias = _following_bias(node, model, new_weight.shape[-1])
+    if delta is not None and bias_add is not None:
+        new_bias = cast_checked(np.asarray(bias, np.float64) + delta, new_weight.dtype, "bias")
+
+    def apply() -> None:
+        _set_input(node, 1, new_weight, model, "weight")
+        if delta is None:
+            return
+        if bias_add is not None:
+            _set_input(bias_add, bias_index, new_bias, model, "bias")
+            return
+        out = node.outputs[0]
+        shift = add_initializer(node.graph, f"{out.name}_norm_beta", delta, model)
+        insert_after_value(out, ir.node("Add", [out, shift], name=f"{node.name or 'matmul'}_norm_beta"))
+
+    return apply
+
+
+def _following_bias(node: ir.Node, model: ir.Model, features: int):
+    """(Add, index, bias) when the MatMul's only reader adds a constant bias over its output features."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if out.is_graph_output() or len(uses) != 1 or uses[0][0].op_type != "Add":
+        return None, None, None
+    add = uses[0][0]
+    index = 1 - uses[0][1]
+    bias = constant(add.inputs[index], model).array
+    if bias is None or bias.ndim != 1 or bias.size != features:
+        return None, None, None
+    return add, index, bias
+
+
+def _set_input(node: ir.Node, index: int, array: np.ndarray, model: ir.Model, role: str) -> None:
+    old = node.inputs[index] if index < len(node.inputs) else None
+    base = old.name if old is not None and old.name else f"{node.name or node.op_type}_{role}"
+    value = add_initializer(node.graph, f"{base}_folded", array, model)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def cast_checked(array: np.ndarray, dtype, role: str) -> np.ndarray:
+    """`array` cast to the model's dtype; NotLinear if the dtype cannot hold a value (fp16 overflow)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.asarray(array).astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise NotLinear(f"the folded {role} overflows {np.dtype(dtype).name}")
+    return cast

@@ -86,16 +86,39 @@ class Emitter:
             y = self.node("Add", [y, beta], name=f"{name}/beta")
         return y
 
+    def crmsnorm(self, x: ir.Value, *, epsilon: float, width: int, dtype: ir.DataType, name: str) -> ir.Value:
+        """CRMSNorm of x, a zero-mean vector of `width` elements stored as its first width - 1:
+        x / sqrt((sum x^2 + (sum x)^2) / width + eps), statistics in float32 (no affine)."""
+        low_precision = dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        h = self.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}/to_float") if low_precision else x
+        stat_type = np.float32 if low_precision else dtype.numpy()
+        sum_squares = self.reduce("ReduceSum", self.node("Mul", [h, h], name=f"{name}/square"), f"{name}/sum_squares")
+        total = self.reduce("ReduceSum", h, f"{name}/sum")
+        implied = self.node("Mul", [total, total], name=f"{name}/implied_square")
+        mean = self.node("Mul", [self.node("Add", [sum_squares, implied], name=f"{name}/all_squares"),
+                                 self.constant(f"{name}/inv_width", np.array(1.0 / width, dtype=stat_type))],
+                         name=f"{name}/mean_square")
+        eps = self.constant(f"{name}/epsilon", np.array(epsilon, dtype=stat_type))
+        rms = self.node("Sqrt", [self.node("Add", [mean, eps], name=f"{name}/add_eps")], name=f"{name}/rms")
+        y = self.node("Div", [h, rms], name=f"{name}/normalize")
+        if low_precision:
+            y = self.node("Cast", [y], {"to": dtype}, name=f"{name}/to_input_type")
+        return y
+
+    def reduce(self, op_type: str, x: ir.Value, name: str) -> ir.Value:
+        """A reduction over the last axis, keepdims=1, axes as attribute or input as the opset wants."""
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            axes = self.constant(f"{name}/axes", np.array([-1], dtype=np.int64))
+            return self.node(op_type, [x, axes], {"keepdims": 1}, name=name)
+        return self.node(op_type, [x], {"axes": [-1], "keepdims": 1}, name=name)
+
     def centre(self, x: ir.Value, name: str) -> ir.Value:
         """x - mean(x) over the last axis."""
         return self.node("Sub", [x, self.reduce_mean(x, name=f"{name}/mean")], name=f"{name}/centre")
 
     def reduce_mean(self, x: ir.Value, name: str) -> ir.Value:
-        """ReduceMean over the last axis, keepdims=1, axes as attribute (opset < 18) or input."""
-        if self.opset >= 18:
-            axes = self.constant(f"{name}/axes", np.array([-1], dtype=np.int64))
-            return self.node("ReduceMean", [x, axes], {"keepdims": 1}, name=name)
-        return self.node("ReduceMean", [x], {"axes": [-1], "keepdims": 1}, name=name)
+        return self.reduce("ReduceMean", x, name)
 
     def _ones(self, x: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
         width = x.shape[-1] if x.shape is not None else None

@@ -81,3 +81,17 @@ def recentre(array: np.ndarray, *, axis: int, width: int | None = None) -> np.nd
         shape[axis] = width
         array = np.broadcast_to(array, shape)
     return array - array.mean(axis=axis, keepdims=True)
+
+
+def crms_input_weight(weight: np.ndarray, gamma: np.ndarray, *, axis: int) -> np.ndarray:
+    """The weight a linear reader of a CRMSNorm output needs, with the norm's gamma folded in.
+
+    The norm output n is zero-mean, stored as its first d-1 elements, n_d = -sum_{i<d} n_i. With
+    A = diag(gamma) W (rows along `axis` are input features), n A = sum_{i<d} n_i (A_i - A_d):
+    A'_i = A_i - A_d for i < d (REFERENCE.md, Pre-CRMSNorm input projections).
+    """
+    scaled = scale_channels(weight, np.asarray(gamma, dtype=np.float64), axis=axis)
+    width = scaled.shape[axis]
+    head = np.take(scaled, np.arange(width - 1), axis=axis)
+    last = np.take(scaled, [width - 1], axis=axis)
+    return head - last

@@ -35,11 +35,11 @@ MAX_ITERATIONS = 8
 def resolve_passes(
     passes: Sequence[str | NormPass] | None, *, approximate: bool = False, target: str = "auto"
 ) -> list[NormPass]:
-    """Pass objects for names or instances; None means every exact pass. Named passes get `target`."""
+    """Pass objects for names or instances; None means every exact default pass. Named passes get `target`."""
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if passes is None:
-        return [cls(target=target) for cls in PASSES.values() if cls.exact]
+        return [cls(target=target) for cls in PASSES.values() if cls.exact and cls.default]
     resolved = []
     for item in passes:
         if isinstance(item, NormPass):

@@ -8,7 +8,8 @@ Folding rules, applied from the value back to its producers:
   Gather(E, ids)        every row of the table E recentred
   Add / Sub / Neg, Mul by a scalar constant, Identity, Dropout, Cast: recentre each data operand
   Transpose, Reshape, Concat, Expand, Unsqueeze, Squeeze: follow the width axis to the operand
-Every intermediate on the way must have a single reader (else another reader would see the change);
+Every intermediate on the way must have a single reader besides Shape nodes (another reader would see
+the change; a Shape reader sees no values, and under CRMSNorm's d-1 storage reads the new width);
 weights are replaced by new initializers, so a tied or shared weight is untied, never changed under
 its other users. `plan` only checks and records edits; nothing changes until they are applied, so a
 refusal leaves the model untouched.
@@ -35,21 +36,57 @@ class NotFoldable(Exception):
     """The value cannot be recentred by changing constants; the message says why."""
 
 
-def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = None) -> list[Edit]:
-    """Edits that recentre `value` along its last axis, for every reader (use=None) or one (node, index)."""
+def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = None, *,
+         drop_last: bool = False, touched: list[ir.Value] | None = None) -> list[Edit]:
+    """Edits that recentre `value` along its last axis, for every reader (use=None) or one (node, index).
+
+    With `drop_last`, the recentred value is also stored without its last element (CRMSNorm's d-1
+    dimensions): weights and constants lose their last output channel, and the shape constants of
+    Reshape/Expand nodes on the way say d-1. Every value whose width changes is appended to `touched`.
+    """
     value_rank = rank(value, model)
     width = value.shape[-1] if value.shape is not None and value_rank else None
     if value_rank is None or not isinstance(width, int):
         raise NotFoldable(f"the width (last dim) of {value.name!r} is unknown")
-    return _Planner(model, width).plan(value, value_rank - 1, value_rank, use, top=True, depth=0)
+    planner = _Planner(model, width, drop_last)
+    edits = planner.plan(value, value_rank - 1, value_rank, use, top=True, depth=0)
+    if touched is not None:
+        touched.extend(planner.touched)
+    return edits
+
+
+def shape_edit(node: ir.Node, axis: int, width: int, model: ir.Model) -> Edit:
+    """An edit making the Reshape/Expand shape constant of `node` say width - 1 at output `axis`.
+
+    An entry of -1 (inferred) or, for Reshape, 0 (copied from the input) needs no change."""
+    target = constant(node.inputs[1], model).array
+    if target is None:
+        raise NotFoldable(f"the shape of {node.op_type} {node.outputs[0].name!r} is computed, not constant")
+    position = axis - (len(node.outputs[0].shape) - target.size) if node.outputs[0].shape is not None else axis
+    if not 0 <= position < target.size:
+        raise NotFoldable(f"{node.op_type} {node.outputs[0].name!r} broadcasts the width axis")
+    entry = int(target.reshape(-1)[position])
+    if (node.op_type == "Reshape" and entry in (-1, 0)) or (node.op_type == "Expand" and entry == 1):
+        return lambda: None  # inferred, copied or broadcast from the input: follows it to d-1
+    if entry != width:
+        raise NotFoldable(f"{node.op_type} {node.outputs[0].name!r} gives the width axis {entry}, not {width}")
+    new = target.reshape(-1).copy()
+    new[position] = width - 1
+
+    def apply() -> None:
+        node.replace_input_with(1, add_initializer(node.graph, f"{node.inputs[1].name}_crms", new, model))
+
+    return apply
 
 
 class _Planner:
     """Walks from a value to the constants that determine it, recording the edits."""
 
-    def __init__(self, model: ir.Model, width: int) -> None:
+    def __init__(self, model: ir.Model, width: int, drop_last: bool = False) -> None:
         self.model = model
         self.width = width
+        self.drop_last = drop_last
+        self.touched: list[ir.Value] = []
 
     def plan(self, value, axis, value_rank, use, *, top, depth) -> list[Edit]:
         if depth > MAX_DEPTH:
@@ -60,7 +97,8 @@ class _Planner:
         node = value.producer()
         if node is None:
             raise NotFoldable(f"{value.name!r} is a graph input")
-        if not top and len(value.uses()) > 1:
+        self.touched.append(value)
+        if not top and sum(1 for user, _ in value.uses() if user.op_type != "Shape") > 1:
             raise NotFoldable(f"{value.name!r} is also read elsewhere")
         if node.domain not in ("", "ai.onnx"):
             raise NotFoldable(f"{value.name!r} is computed by {node.domain}.{node.op_type}")
@@ -108,7 +146,10 @@ class _Planner:
                 raise NotFoldable(f"{value.name!r} concatenates along the width axis")
             return [e for i in range(len(node.inputs)) for e in self._operand(node, i, axis, depth)]
         if op in ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten"):
-            return self._operand(node, 0, _axis_before(node, axis, value_rank), depth)
+            edits = self._operand(node, 0, _axis_before(node, axis, value_rank), depth)
+            if self.drop_last and op in ("Reshape", "Expand"):
+                edits.append(shape_edit(node, axis, self.width, self.model))
+            return edits
         raise NotFoldable(f"{value.name!r} is computed by {op}, which normfold cannot recentre by folding")
 
     def _broadcast_operand(self, node, index, axis, value_rank, depth) -> list[Edit]:
@@ -130,7 +171,7 @@ class _Planner:
         array = constant(node.inputs[index], self.model).array
         if array is None:
             raise NotFoldable(f"{node.op_type} input {node.inputs[index].name!r} is not constant")
-        new = foldmath.recentre(array, axis=axis, width=self.width).astype(array.dtype)
+        new = self._drop(foldmath.recentre(array, axis=axis, width=self.width), axis).astype(array.dtype)
         model = self.model
 
         def apply() -> None:
@@ -142,7 +183,7 @@ class _Planner:
     def _constant(self, value, array, axis, value_rank, use) -> Edit:
         """An edit replacing a constant by its recentred copy, for one use or for all of them."""
         full = array.reshape((1,) * (value_rank - array.ndim) + array.shape)
-        new = foldmath.recentre(full, axis=axis, width=self.width).astype(array.dtype)
+        new = self._drop(foldmath.recentre(full, axis=axis, width=self.width), axis).astype(array.dtype)
         uses = [use] if use is not None else list(value.uses())
         model = self.model
 
@@ -152,6 +193,11 @@ class _Planner:
                 node.replace_input_with(index, replacement)
 
         return apply
+
+
+    def _drop(self, array: np.ndarray, axis: int) -> np.ndarray:
+        """Without its last element along `axis`, when storing the stream in d-1 dimensions."""
+        return np.take(array, np.arange(self.width - 1), axis=axis) if self.drop_last else array
 
 
 def _axis_before(node: ir.Node, axis: int, value_rank: int) -> int:

@@ -21,6 +21,8 @@ class NormPass(ir.passes.InPlacePass):
 
     name: ClassVar[str]
     exact: ClassVar[bool] = True
+    default: ClassVar[bool] = True
+    """Whether `convert` runs it when no passes are named (alternatives to a default pass are not)."""
     tolerance_class: ClassVar[str] = "fold"
     """Which row of the verification tolerance table this pass's rewrites need (see normfold.verification)."""
     summary: ClassVar[str] = ""

@@ -3,8 +3,12 @@
 from normfold.passes.emit_rmsnorm import EmitRMSNorm
 from normfold.passes.fold_batchnorm import FoldBatchNorm
 from normfold.passes.fold_norm_affine import FoldNormAffine
+from normfold.passes.layernorm_to_crmsnorm import LayerNormToCRMSNorm
 from normfold.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 
-PASSES = {cls.name: cls for cls in (FoldBatchNorm, LayerNormToRMSNorm, EmitRMSNorm, FoldNormAffine)}
+PASSES = {
+    cls.name: cls
+    for cls in (FoldBatchNorm, LayerNormToRMSNorm, LayerNormToCRMSNorm, EmitRMSNorm, FoldNormAffine)
+}
 
-__all__ = ["PASSES", "EmitRMSNorm", "FoldBatchNorm", "FoldNormAffine", "LayerNormToRMSNorm"]
+__all__ = ["PASSES", "EmitRMSNorm", "FoldBatchNorm", "FoldNormAffine", "LayerNormToCRMSNorm", "LayerNormToRMSNorm"]

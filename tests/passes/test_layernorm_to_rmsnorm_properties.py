@@ -22,7 +22,7 @@ fp16 1e-2 / 1e-2 * scale), never loosened:
   every reason.
 
 Known bugs (KNOWN_BUGS; each has a strict xfail in test_layernorm_to_rmsnorm.py): while listed, the
-properties skip the knob (fp16 affine inside the Casts), only check exactness (opset 13 with
+properties skip the knob (fp16 affine inside the Casts) or the example (the embedding-LN crash), only check exactness (opset 13 with
 dynamic axes and computed Reshapes) or skip the reason checks (Pre-LN refusals reported as
 Post-LN). Remove the entry when the bug is fixed, and the properties
 cover the knob fully.
@@ -67,6 +67,8 @@ KNOWN_BUGS = {
                                 "(test_opset13_dynamic_axes_with_computed_reshapes_convert)",
     "reason_names_own_node": "a raw reader behind a view (Gemm projections): the reason names normfold's own "
                              "'/recentre/mean' node (test_stream_value_read_by_a_matmul[gemm])",
+    "embedding_ln_stale_plan": "embedding LN whose stream is converted before the main stream: IndexError in "
+                               "_centre (test_embedding_layernorm_converted_before_the_main_stream)",
     "post_ln_mislabel": "Pre-LN streams that would each need an explicit centre (LNs on a flattened view of an "
                         "observable stream value; the opset 13 case above) are refused as 'Post-LN' "
                         "(test_pre_ln_refusals_are_not_called_post_ln)",
@@ -162,8 +164,14 @@ def check_equivalent(case: tg.TransformerCase, model: ir.Model, proto: onnx.Mode
 
 
 def convert(case: tg.TransformerCase, target: str):
-    model, report = normfold.convert(case.model, passes=[LayerNormToRMSNorm(target=target)], verify=False,
-                                     target=target)
+    try:
+        model, report = normfold.convert(case.model, passes=[LayerNormToRMSNorm(target=target)], verify=False,
+                                         target=target)
+    except IndexError:
+        if case.config.embedding_ln and "embedding_ln_stale_plan" in KNOWN_BUGS:
+            event("known bug: crash with an embedding LN")
+            assume(False)
+        raise
     return model, report, ir.serde.serialize_model(model)
 
 
@@ -242,7 +250,8 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
         event("stream value is a graph output")
         reader = f"blk{i + 1}.ln1" if i + 1 < c.depth else "ln_f"
         upstream = {n for n in case.ln_names if n.split(".")[0] in {f"blk{j}" for j in range(i + 1)}}
-        assert np.array_equal(tg.run(case.model, ids)[1], tg.run(proto, ids)[1])
+        if not c.embedding_ln:  # else the embedding LN (its own stream) legitimately becomes an RMSNorm
+            assert np.array_equal(tg.run(case.model, ids)[1], tg.run(proto, ids)[1])
         expected = "graph output"
     else:
         i = c.raw_reader
@@ -261,6 +270,4 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
         if not c.flat_ln:  # a flattened LN reads a view of the observable value, not the value itself
             reason = next(s.reason for s in entry.skipped if s.node.split("/")[0] == reader)
             assert expected in reason, reason
-    if c.embedding_ln:
-        upstream.add("emb_ln")
     assert {reader} | upstream <= left, (reader, upstream, left)

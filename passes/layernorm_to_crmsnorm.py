@@ -1,0 +1,155 @@
+"""layernorm-to-crmsnorm: Pre-LN -> Pre-CRMSNorm, an exact rewrite (Jiang et al., NeurIPS 2023).
+
+Once every writer of a stream is recentred (as in layernorm-to-rmsnorm), each stream value x is
+zero-mean, so its last element is implied, x_d = -sum_{i<d} x_i, and the stream is stored in d-1
+dimensions:
+- writers lose their last output channel (embedding tables, projection columns and biases,
+  constants), and Reshape/Expand shape constants on the way say d-1;
+- each LayerNorm reading the stream becomes CRMSNorm(x) = x / sqrt((sum x^2 + (sum x)^2)/d + eps),
+  whose output n is again zero-mean and stored in d-1 dimensions;
+- each linear reader of a norm output (behind width-preserving views) absorbs the norm's affine
+  and the implied element: with A = diag(gamma) W, A'_i = A_i - A_d for i < d, bias b' = b + beta W.
+Refused, per stream, with the reason: anything layernorm-to-rmsnorm refuses, a writer that would
+need an explicit centring, a norm output read by something other than a linear map, or a shape
+that is computed rather than constant. It is an alternative to layernorm-to-rmsnorm, so not a
+default pass: ask for it with --passes layernorm-to-crmsnorm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from normfold import foldmath, recentre
+from normfold.constants import constant
+from normfold.consumers import NotLinear, cast_checked, linear_edit
+from normfold.detect import NormSite, find_sites
+from normfold.emit import Emitter
+from normfold.recentre import NotFoldable, shape_edit
+from normfold.report import node_label
+from normfold.residual import Stream, find_streams, keeps_width, why_outside
+from normfold.rewrite import NormPass, replace_value
+
+
+class LayerNormToCRMSNorm(NormPass):
+    """Replaces LayerNorms reading a recentrable stream with CRMSNorms on a stream of width d - 1."""
+
+    name = "layernorm-to-crmsnorm"
+    tolerance_class = "renorm"
+    default = False
+    handles = ("LayerNorm",)
+    needs_shapes = True
+    summary = "Pre-LN -> Pre-CRMSNorm: the residual stream stored in d-1 dims, LayerNorm -> CRMSNorm"
+
+    def rewrite(self, model: ir.Model) -> None:
+        sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
+        streams = find_streams(model, sites)
+        for stream in streams:
+            try:
+                edits, touched = _plan(stream, model)
+            except (NotFoldable, NotLinear) as exc:
+                for site in stream.readers:
+                    self.skip(site.nodes[0], str(exc))
+                continue
+            for edit in edits:
+                edit()
+            for site in stream.readers:
+                _replace_with_crmsnorm(site, model, self.target)
+                self.applied()
+            for value in touched:
+                value.shape = None  # its width changed; onnxruntime re-infers it
+        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
+        for site in sites:
+            if id(site.nodes[0]) not in in_streams:
+                self.skip(site.nodes[0], why_outside(site))
+
+
+def _plan(stream: Stream, model: ir.Model) -> tuple[list, list[ir.Value]]:
+    """Every edit the stream needs, and the values whose width goes from d to d-1."""
+    width = _width(stream)
+    edits, touched = [], list(stream.values)
+    for leaf in stream.leaves:
+        edits += recentre.plan(leaf, model, drop_last=True, touched=touched)
+    for node, index in stream.external:
+        value = node.inputs[index]
+        if constant(value, model).array is None:
+            raise NotFoldable(f"the stream is written by {value.name!r}, which needs an explicit centring "
+                              "(layernorm-to-rmsnorm can do that; CRMSNorm cannot)")
+        edits += recentre.plan(value, model, (node, index), drop_last=True)
+    for value in stream.values:
+        producer = value.producer()
+        if producer is not None and producer.op_type in ("Reshape", "Expand"):
+            edits.append(shape_edit(producer, len(value.shape) - 1, width, model))
+    for site in stream.readers:
+        if any(out is not site.y and any(u not in site.nodes for u, _ in out.uses())
+               for n in site.nodes for out in n.outputs):
+            raise NotFoldable(f"an intermediate value of {site.name} is used outside the LayerNorm")
+        edits += _reader_edits(site, width, model, touched)
+    return edits, touched
+
+
+def _width(stream: Stream) -> int:
+    shape = stream.readers[0].x.shape
+    width = shape[-1] if shape is not None and len(shape) else None
+    if not isinstance(width, int) or width < 2:
+        raise NotFoldable(f"the stream's width is unknown or too small ({width})")
+    return width
+
+
+def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) -> list:
+    """Edits folding the norm's affine and the implied last element into every linear reader."""
+    gamma = _vector(site.gamma, model, width, 1.0)
+    beta = _vector(site.beta, model, width, 0.0)
+    edits = []
+    for node, index, views in _readers_through_views(site.y, model):
+        for view in views:
+            touched.append(view.outputs[0])
+            if view.op_type in ("Reshape", "Expand"):
+                edits.append(shape_edit(view, len(view.outputs[0].shape) - 1, width, model))
+        weight = constant(node.inputs[1], model).array
+        if weight is None:
+            raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant")
+        axis = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            raise NotLinear(f"Gemm {node_label(node)} has transA=1")
+        if weight.ndim != 2 or weight.shape[axis] != width:
+            raise NotLinear(f"{node.op_type} {node_label(node)} does not read the norm's {width} features")
+        new_weight = cast_checked(foldmath.crms_input_weight(weight, gamma, axis=axis), weight.dtype, "weight")
+        w64 = np.asarray(weight, dtype=np.float64)
+        delta = (beta @ w64 if axis == 0 else w64 @ beta) if np.any(beta) else None
+        edits.append(linear_edit(node, new_weight, delta, model))
+    return edits
+
+
+def _readers_through_views(value: ir.Value, model: ir.Model, views=(), depth: int = 0):
+    """(MatMul/Gemm, input index, views on the way) for every reader of `value`; NotLinear otherwise."""
+    if value.is_graph_output():
+        raise NotLinear(f"the norm output {value.name!r} is a graph output")
+    for node, index in value.uses():
+        if node.op_type in ("MatMul", "Gemm") and index == 0 and node.domain in ("", "ai.onnx"):
+            yield node, index, list(views)
+        elif depth < 8 and keeps_width(node, index, model):
+            yield from _readers_through_views(node.outputs[0], model, (*views, node), depth + 1)
+        else:
+            raise NotLinear(f"the norm output is read by {node.op_type} {node_label(node)}, not a linear map")
+
+
+def _vector(value: ir.Value | None, model: ir.Model, width: int, default: float) -> np.ndarray:
+    if value is None:
+        return np.full(width, default)
+    array = constant(value, model).array
+    if array is None:
+        raise NotLinear(f"the norm's affine {value.name!r} is not constant")
+    return np.broadcast_to(np.asarray(array, dtype=np.float64).reshape(-1), (width,)).copy()
+
+
+def _replace_with_crmsnorm(site: NormSite, model: ir.Model, target: str) -> None:
+    dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
+    width = site.x.shape[-1]
+    y = Emitter(model, site.nodes[-1], target).crmsnorm(site.x, epsilon=site.epsilon, width=width, dtype=dtype,
+                                                        name=site.name)
+    y.type = site.y.type
+    replace_value(site.y, y)
+    graph = site.nodes[0].graph
+    for node in reversed(site.nodes):
+        graph.remove(node, safe=True)
