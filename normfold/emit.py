@@ -113,6 +113,11 @@ class Emitter:
             return self.node(op_type, [x, axes], {"keepdims": 1}, name=name)
         return self.node(op_type, [x], {"axes": [-1], "keepdims": 1}, name=name)
 
+    def keep_first(self, x: ir.Value, count: int, name: str) -> ir.Value:
+        """x[..., :count]: the first `count` elements along the last axis (Slice)."""
+        ints = lambda v: self.constant(f"{name}/{v[0]}", np.array([v[1]], dtype=np.int64))  # noqa: E731
+        return self.node("Slice", [x, ints(("start", 0)), ints(("end", count)), ints(("axis", -1))], name=name)
+
     def centre(self, x: ir.Value, name: str) -> ir.Value:
         """x - mean(x) over the last axis."""
         return self.node("Sub", [x, self.reduce_mean(x, name=f"{name}/mean")], name=f"{name}/centre")

@@ -9,9 +9,10 @@ dimensions:
   whose output n is again zero-mean and stored in d-1 dimensions;
 - each linear reader of a norm output (behind width-preserving views) absorbs the norm's affine
   and the implied element: with A = diag(gamma) W, A'_i = A_i - A_d for i < d, bias b' = b + beta W.
-Refused, per stream, with the reason: anything layernorm-to-rmsnorm refuses, a writer that would
-need an explicit centring, a norm output read by something other than a linear map, or a shape
-that is computed rather than constant. It is an alternative to layernorm-to-rmsnorm, so not a
+A writer that cannot be folded (BLOOM's embedding LayerNorm output) gets an explicit centring
+sliced to d-1 elements. Refused, per stream, with the reason: anything layernorm-to-rmsnorm refuses,
+or a shape that is computed, not constant. A stream whose norm output is read by something other
+than a linear map keeps its width and gets RMSNorms instead (as layernorm-to-rmsnorm would). It is an alternative to layernorm-to-rmsnorm, so not a
 default pass: ask for it with --passes layernorm-to-crmsnorm.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from normfold import foldmath, recentre
+from normfold import foldmath
 from normfold.constants import constant
 from normfold.consumers import NotLinear, cast_checked, linear_edit
 from normfold.detect import NormSite, find_sites
@@ -28,7 +29,9 @@ from normfold.emit import Emitter
 from normfold.recentre import NotFoldable, shape_edit
 from normfold.report import node_label
 from normfold.residual import Stream, find_streams, keeps_width, why_outside
+from normfold.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 from normfold.rewrite import NormPass, replace_value
+from normfold.stream_plan import apply_explicit, not_self_contained, plan_streams
 
 
 class LayerNormToCRMSNorm(NormPass):
@@ -44,19 +47,29 @@ class LayerNormToCRMSNorm(NormPass):
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
         streams = find_streams(model, sites)
+        plans, refusals = plan_streams(streams, model, drop_last=True)
         for stream in streams:
             try:
-                edits, touched = _plan(stream, model)
-            except (NotFoldable, NotLinear) as exc:
+                if id(stream) not in plans:
+                    raise NotFoldable(refusals[id(stream)])
+                plan = plans[id(stream)]
+                edits = plan.edits + _stream_edits(stream, model, plan.touched)
+            except NotLinear as exc:
+                self._fall_back_to_rmsnorm(stream, model, str(exc))
+                continue
+            except NotFoldable as exc:
                 for site in stream.readers:
                     self.skip(site.nodes[0], str(exc))
                 continue
             for edit in edits:
                 edit()
+            width = _width(stream)
+            moved = apply_explicit(plan, model, self.target, keep=width - 1)
             for site in stream.readers:
-                _replace_with_crmsnorm(site, model, self.target)
+                site.x = moved.get(id(site.x), site.x)
+                _replace_with_crmsnorm(site, width, model, self.target)
                 self.applied()
-            for value in touched:
+            for value in plan.touched:
                 value.shape = None  # its width changed; onnxruntime re-infers it
         in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
         for site in sites:
@@ -64,28 +77,33 @@ class LayerNormToCRMSNorm(NormPass):
                 self.skip(site.nodes[0], why_outside(site))
 
 
-def _plan(stream: Stream, model: ir.Model) -> tuple[list, list[ir.Value]]:
-    """Every edit the stream needs, and the values whose width goes from d to d-1."""
+    def _fall_back_to_rmsnorm(self, stream: Stream, model: ir.Model, reason: str) -> None:
+        """A stream whose norms are read non-linearly keeps width d, with RMSNorm instead of CRMSNorm."""
+        plans, refusals = plan_streams([stream], model)
+        if id(stream) not in plans:
+            for site in stream.readers:
+                self.skip(site.nodes[0], f"{reason}; {refusals[id(stream)]}")
+            return
+        rms = LayerNormToRMSNorm(target=self.target)
+        rms.convert_stream(stream, plans[id(stream)], model)
+        self.applied_count += rms.applied_count
+        self.skipped += rms.skipped
+
+
+def _stream_edits(stream: Stream, model: ir.Model, touched: list[ir.Value]) -> list:
+    """The views inside the stream and every reader's edits (the writers are planned by stream_plan)."""
     width = _width(stream)
-    edits, touched = [], list(stream.values)
-    for leaf in stream.leaves:
-        edits += recentre.plan(leaf, model, drop_last=True, touched=touched)
-    for node, index in stream.external:
-        value = node.inputs[index]
-        if constant(value, model).array is None:
-            raise NotFoldable(f"the stream is written by {value.name!r}, which needs an explicit centring "
-                              "(layernorm-to-rmsnorm can do that; CRMSNorm cannot)")
-        edits += recentre.plan(value, model, (node, index), drop_last=True)
+    edits = []
     for value in stream.values:
         producer = value.producer()
         if producer is not None and producer.op_type in ("Reshape", "Expand"):
             edits.append(shape_edit(producer, len(value.shape) - 1, width, model))
     for site in stream.readers:
-        if any(out is not site.y and any(u not in site.nodes for u, _ in out.uses())
-               for n in site.nodes for out in n.outputs):
-            raise NotFoldable(f"an intermediate value of {site.name} is used outside the LayerNorm")
+        reason = not_self_contained(site)
+        if reason:
+            raise NotFoldable(f"{site.name}: {reason}")
         edits += _reader_edits(site, width, model, touched)
-    return edits, touched
+    return edits
 
 
 def _width(stream: Stream) -> int:
@@ -143,9 +161,8 @@ def _vector(value: ir.Value | None, model: ir.Model, width: int, default: float)
     return np.broadcast_to(np.asarray(array, dtype=np.float64).reshape(-1), (width,)).copy()
 
 
-def _replace_with_crmsnorm(site: NormSite, model: ir.Model, target: str) -> None:
+def _replace_with_crmsnorm(site: NormSite, width: int, model: ir.Model, target: str) -> None:
     dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
-    width = site.x.shape[-1]
     y = Emitter(model, site.nodes[-1], target).crmsnorm(site.x, epsilon=site.epsilon, width=width, dtype=dtype,
                                                         name=site.name)
     y.type = site.y.type

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from normfold import recentre
-from normfold.constants import constant
 from normfold.detect import NormSite, find_sites
 from normfold.emit import Emitter
-from normfold.recentre import NotFoldable
-from normfold.report import node_label
 from normfold.residual import Stream, find_streams, why_outside
 from normfold.rewrite import NormPass, replace_value
+from normfold.stream_plan import StreamPlan, apply_explicit, not_self_contained, plan_streams
 
 
 class LayerNormToRMSNorm(NormPass):
@@ -40,127 +37,36 @@ class LayerNormToRMSNorm(NormPass):
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
         streams = find_streams(model, sites)
-        plans = {}
-        for stream in streams:
-            try:
-                plans[id(stream)] = _plan_writers(stream, model)
-            except NotFoldable as exc:
-                for site in stream.readers:
-                    self.skip(site.nodes[0], str(exc))
-        for stream, reason in _post_ln_chains(streams, plans).items():
-            del plans[id(stream)]
-            for site in stream.readers:
-                self.skip(site.nodes[0], reason)
+        plans, refusals = plan_streams(streams, model)
         for stream in streams:
             if id(stream) in plans:
-                self._convert(stream, *plans[id(stream)], model)
+                self.convert_stream(stream, plans[id(stream)], model)
+            else:
+                for site in stream.readers:
+                    self.skip(site.nodes[0], refusals[id(stream)])
         in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
         for site in sites:
             if id(site.nodes[0]) not in in_streams:
                 self.skip(site.nodes[0], why_outside(site))
 
-    def _convert(self, stream: Stream, edits, explicit, model: ir.Model) -> None:
+    def convert_stream(self, stream: Stream, plan: StreamPlan, model: ir.Model) -> None:
+        """Applies a stream's plan and replaces each of its LayerNorm readers with an RMSNorm."""
         replaceable = []
         for site in stream.readers:
-            reason = _not_self_contained(site)
+            reason = not_self_contained(site)
             if reason:
                 self.skip(site.nodes[0], reason)
             else:
                 replaceable.append(site)
         if not replaceable:
             return
-        for edit in edits:
+        for edit in plan.edits:
             edit()
-        for value, use in explicit:
-            centred = _centre(value, use, model, self.target)
-            for site in replaceable:
-                if site.x is value:
-                    site.x = centred
+        moved = apply_explicit(plan, model, self.target)
         for site in replaceable:
+            site.x = moved.get(id(site.x), site.x)
             _replace_with_rmsnorm(site, model, self.target)
             self.applied()
-
-
-def _post_ln_chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
-    """Streams whose explicitly centred writers depend on one another: a centring op in every layer.
-
-    One explicit centring is fine (BLOOM's embedding LayerNorm output); a chain of them is Post-LN,
-    where each layer's LayerNorm output writes the next residual sum.
-    """
-    explicit = {id(value): stream for stream in streams if id(stream) in plans
-                for value, _ in plans[id(stream)][1]}
-    refused: dict[int, tuple[Stream, str]] = {}
-    for stream in streams:
-        for value, _ in plans.get(id(stream), ((), ()))[1]:
-            upstream = _depends_on_any(value, set(explicit) - {id(value)})
-            if upstream is None:
-                continue
-            reason = (f"Post-LN: the stream is written by {value.name!r}, which cannot be recentred by folding "
-                      f"and is computed from another such writer ({upstream.name!r}); an exact conversion would "
-                      "need a centring op in every layer")
-            refused[id(stream)] = (stream, reason)
-            refused.setdefault(id(explicit[id(upstream)]), (explicit[id(upstream)], reason))
-    chain = [value for stream, _ in refused.values() for value, _ in plans[id(stream)][1]]
-    reason = next((r for _, r in refused.values()), "")
-    for stream in streams:
-        if id(stream) in plans and id(stream) not in refused:
-            outputs = {id(s.y) for s in stream.readers}
-            if any(_depends_on_any(value, outputs) is not None or id(value) in outputs for value in chain):
-                refused[id(stream)] = (stream, f"Post-LN: its output feeds the residual chain of a Post-LN model "
-                                               f"({reason.removeprefix('Post-LN: ')})")
-    return {stream: reason for stream, reason in refused.values()}
-
-
-def _plan_writers(stream: Stream, model: ir.Model):
-    """Edits recentring every writer by folding, plus the writers that need an explicit centring op."""
-    edits, explicit = [], []
-    writes = [(leaf, None) for leaf in stream.leaves] + [(node.inputs[i], (node, i)) for node, i in stream.external]
-    for value, use in writes:
-        try:
-            if use is not None and constant(value, model).array is None:
-                reader = next(n for n, _ in value.uses() if n is not use[0])
-                raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
-            edits += recentre.plan(value, model, use)
-        except NotFoldable:
-            explicit.append((value, use))
-    return edits, explicit
-
-
-def _depends_on_any(value: ir.Value, targets: set[int]) -> ir.Value | None:
-    """The first value whose id is in `targets` that `value` is computed from (itself excluded)."""
-    seen, stack = set(), [i for i in (value.producer().inputs if value.producer() else ()) if i is not None]
-    while stack:
-        v = stack.pop()
-        if id(v) in targets:
-            return v
-        if id(v) in seen or v.producer() is None:
-            continue
-        seen.add(id(v))
-        stack.extend(i for i in v.producer().inputs if i is not None)
-    return None
-
-
-def _not_self_contained(site: NormSite) -> str:
-    inside = {id(n) for n in site.nodes}
-    for node in site.nodes:
-        for out in node.outputs:
-            if out is site.y:
-                continue
-            if out.is_graph_output() or any(id(user) not in inside for user, _ in out.uses()):
-                return f"its intermediate value {out.name!r} is used outside the LayerNorm"
-    return ""
-
-
-def _centre(value: ir.Value, use, model: ir.Model, target: str) -> ir.Value:
-    """Inserts value - mean(value) and makes the given use (or every use) read it; returns it."""
-    uses = [use] if use is not None else list(value.uses())
-    order = {id(n): i for i, n in enumerate(uses[0][0].graph)}
-    anchor = min((n for n, _ in uses), key=lambda n: order[id(n)])
-    centred = Emitter(model, anchor, target).centre(value, name=f"{value.name}/recentre")
-    centred.shape, centred.type = value.shape, value.type
-    for node, index in uses:
-        node.replace_input_with(index, centred)
-    return centred
 
 
 def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> None:

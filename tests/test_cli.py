@@ -87,8 +87,8 @@ def test_passes_lists_every_pass(capsys):
     assert main(["passes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [
-        ["fold-batchnorm", "exact"], ["layernorm-to-rmsnorm", "exact"], ["emit-rmsnorm", "exact"],
-        ["fold-norm-affine", "exact"]]
+        ["fold-batchnorm", "exact"], ["layernorm-to-rmsnorm", "exact"], ["layernorm-to-crmsnorm", "exact"],
+        ["emit-rmsnorm", "exact"], ["fold-norm-affine", "exact"]]
 
 
 def test_inspect_text_and_json(model_path, capsys):

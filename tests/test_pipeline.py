@@ -20,7 +20,7 @@ def test_default_passes_are_every_exact_pass():
 
 
 def test_unknown_and_empty_pass_lists_are_refused():
-    with pytest.raises(InputError, match="unknown pass 'nope'; known passes: fold-batchnorm, layernorm-to-rmsnorm, emit"):
+    with pytest.raises(InputError, match="unknown pass 'nope'; known passes: fold-batchnorm, layernorm-to-rmsnorm, layernorm-to-crmsnorm, emit"):
         pipeline.resolve_passes(["nope"])
     with pytest.raises(InputError, match="no passes selected"):
         pipeline.resolve_passes([])
