@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark of the layernorm-to-rmsnorm pass on a DeiT-Tiny-size ViT and a GPT-2-small-size decoder.
 
-    python benchmarks/bench_layernorm_to_rmsnorm.py [--repeats N] [--warmups N] [--models deit_tiny,gpt2_small]
+    python benchmarks/bench_layernorm_to_rmsnorm.py [--repeats N] [--warmups N] [--profile-runs N]
+                                                    [--models deit_tiny,gpt2_small]
                                                     [--out benchmarks/results/layernorm_to_rmsnorm.md]
 
 What it measures (see benchmarks/README.md for the details and how to read the tables):
@@ -22,6 +23,9 @@ What it measures (see benchmarks/README.md for the details and how to read the t
    of a ratio), once with ORT_ENABLE_ALL and once with ORT_DISABLE_ALL.
 5. The norm ops onnxruntime's ORT_ENABLE_ALL optimizer leaves in each variant (from the graph it
    saves with SessionOptions.optimized_model_filepath): whether its Add+norm (Skip*) fusions fire.
+6. onnxruntime's kernel profile (ORT_ENABLE_ALL) of every variant: the kernel time of the nodes the
+   rewrite touched, in the original and in the variant, against the whole; far steadier than
+   end-to-end latency, it says what the rewrite itself saves or costs.
 
 Every ratio compares figures measured in the same run; no absolute timing is meant to be compared
 across machines or runs.
@@ -56,6 +60,8 @@ MODELS = {
         "factory": "vit",
         "size": {"width": 192, "depth": 12, "heads": 3, "patch": 16, "num_classes": 1000, "image_size": 224},
         "batch": 8,
+        "repeats": 12,  # default interleaved latency repetitions (about 0.5 to 1 s a run on 2 cores)
+        "profile_runs": 5,
         "title": "DeiT-Tiny-size ViT",
         "describe": "width 192, 12 layers, 3 heads, MLP 768, patch 16, 224x224 images, 1000 classes; input 8x3x224x224",
     },
@@ -63,6 +69,8 @@ MODELS = {
         "factory": "gpt2_tied",
         "size": {"width": 768, "depth": 12, "heads": 12, "vocab": 50257, "seq": 512},
         "batch": 1,
+        "repeats": 5,  # about 2.5 s a run on 2 cores
+        "profile_runs": 2,
         "title": "GPT-2-small-size decoder",
         "describe": "width 768, 12 layers, 12 heads, MLP 3072, vocab {vocab}, tied LM head; input ids 1x512",
     },
@@ -229,6 +237,70 @@ def ort_optimized_ops(model_path: Path, scratch: Path) -> dict:
     return {"ops": dict(ops), "nodes": sum(ops.values())}
 
 
+def kernel_profile(paths: dict[str, Path], runs: int, scratch: Path, label: str) -> dict:
+    """onnxruntime's own per-node kernel times (ORT_ENABLE_ALL, SessionOptions.enable_profiling): one
+    session per variant, one warm-up run each (left out), then `runs` interleaved runs. Returns, per
+    variant, the mean kernel milliseconds per run of every node of the optimized graph, and its op type."""
+    import onnxruntime as ort
+
+    from normfold import io
+    from normfold.verification import make_inputs
+
+    log(f"{label}: kernel profile, ORT_ENABLE_ALL, {len(paths)} sessions, {runs} interleaved runs ...")
+    sessions = {}
+    for i, (name, path) in enumerate(paths.items()):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(scratch / f"profile_{label}_{i}")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        sessions[name] = (session, make_inputs(session, io.load(path), seed=0))
+    for _ in range(runs + 1):  # the first round is the warm-up
+        for session, feed in sessions.values():
+            session.run(None, feed)
+    profiles = {}
+    for name, (session, _) in sessions.items():
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink(missing_ok=True)
+        windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
+        per_node: collections.Counter = collections.Counter()
+        op_of = {}
+        for e in events:
+            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+                continue
+            if any(start <= e["ts"] <= end for start, end in windows):
+                node = e["name"][: -len("_kernel_time")]
+                per_node[node] += e["dur"] / 1e3 / len(windows)
+                op_of[node] = e.get("args", {}).get("op_name", "?")
+        profiles[name] = {"per_node_ms": dict(per_node), "op_of": op_of, "runs": len(windows)}
+    sessions.clear()
+    return profiles
+
+
+def profile_summary(profiles: dict) -> dict:
+    """Per variant against the original: total kernel time, time in norm ops, and the time of the nodes
+    the rewrite touched (in one graph and not the other, by node name) against those it left alone."""
+    base = profiles["original"]["per_node_ms"]
+    summary = {}
+    for name, p in profiles.items():
+        nodes, op_of = p["per_node_ms"], p["op_of"]
+        removed = sum(ms for node, ms in base.items() if node not in nodes)
+        added = sum(ms for node, ms in nodes.items() if node not in base)
+        common = [node for node in nodes if node in base]
+        summary[name] = {
+            "kernel_ms": sum(nodes.values()),
+            "norm_ms": sum(ms for node, ms in nodes.items() if op_of[node] in NORM_OPS),
+            "removed_ms": removed,
+            "added_ms": added,
+            "removed_nodes": sum(1 for node in base if node not in nodes),
+            "added_nodes": sum(1 for node in nodes if node not in base),
+            "common_ratio": sum(nodes[n] for n in common) / max(sum(base[n] for n in common), 1e-9),
+        }
+    return summary
+
+
 def latency(paths: dict[str, Path], repeats: int, label: str) -> dict:
     """One interleaved normfold.bench.benchmark call per optimization level over every variant."""
     from normfold import bench
@@ -291,7 +363,11 @@ def run_model(name: str, spec: dict, work: Path, scratch: Path, args) -> dict:
     if not args.no_aa:
         timed["original (A/A: 2nd session)"] = original
     timed.update((k, v) for k, v in variants.items() if k != "original")
-    out["latency"] = latency(timed, args.repeats, name)
+    out["repeats"] = args.repeats or spec["repeats"]
+    out["profile_runs"] = spec["profile_runs"] if args.profile_runs is None else args.profile_runs
+    out["latency"] = latency(timed, out["repeats"], name)
+    if out["profile_runs"]:
+        out["profile"] = profile_summary(kernel_profile(variants, out["profile_runs"], scratch, name))
     out["variants"] = {k: {"mb": p.stat().st_size / 1e6} for k, p in variants.items()}
     return out
 
@@ -335,11 +411,12 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
                "MiB (cached for later runs)." if r["build"] else " (Cached model.)")
         )
         L.append("")
-        L.append("| variant | converted in s | norms rewritten | skipped | norm-related ops in the file | MB |")
+        L.append("| variant | converted in s | norms rewritten | skipped | op counts changed in the file | MB |")
         L.append("|---|--:|--:|--:|---|--:|")
         for label, c in r["conversions"].items():
-            shown = {k: v for k, v in c["ops_after"].items() if k in NORM_OPS + DECOMPOSED_OPS}
-            ops = ", ".join(f"{k} {v}" for k, v in sorted(shown.items())) or "none"
+            before, after = facts["ops"], c["ops_after"]
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+            ops = ", ".join(f"{k} {v:+d}" for k, v in sorted(delta.items()) if v) or "none"
             L.append(f"| {label} | {c['seconds']:.2f} | {c['applied']} | {len(c['skipped'])} | {ops} "
                      f"| {r['variants'][label]['mb']:.1f} |")
         L.append("")
@@ -367,8 +444,9 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
     L.append("")
 
     for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+        reps = ", ".join(f"{r['name']} {r['repeats']}" for r in results)
         L.append(f"## Latency, {level} (onnxruntime CPU; {args.warmups} warm-up run(s) per session, then "
-                 f"{args.repeats} interleaved repetitions)")
+                 f"interleaved repetitions: {reps})")
         L.append("")
         L.append("| model | variant | session s | median ms | p90 ms | median ratio to original "
                  "| p90 ratio to original |")
@@ -402,25 +480,70 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
                      + f" | {o['nodes']} |")
     L.append("")
 
+    if any("profile" in r for r in results):
+        runs = ", ".join(f"{r['name']} {r['profile_runs']}" for r in results if "profile" in r)
+        L.append(f"## Where the time goes: onnxruntime's kernel profile (ORT_ENABLE_ALL; interleaved runs per "
+                 f"variant after a warm-up: {runs})")
+        L.append("")
+        L.append(" ".join("""
+            Per-node kernel times from onnxruntime's own profiler (SessionOptions.enable_profiling), in ms
+            per run. "Rewritten nodes" are the nodes of onnxruntime's optimized graph that exist in only one
+            of the original and the variant (matched by node name): the original's norms (and a residual Add
+            fused into a SkipLayerNormalization) against the variant's replacements (RMSNorms, beta Adds,
+            decomposed ops). Their difference is what the rewrite itself saves or costs, far less noisy than
+            end-to-end latency; "unchanged nodes" compares the time of every other node, the same work in
+            both (a ratio away from 1 is noise, or a layout change).""".split()))
+        L.append("")
+        L.append("| model | variant | kernel ms/run | in norm ops | rewritten nodes: original -> variant ms "
+                 "| saved, % of original kernel time | unchanged nodes ratio |")
+        L.append("|---|---|--:|--:|--:|--:|--:|")
+        for r in results:
+            prof = r.get("profile")
+            if not prof:
+                continue
+            total = prof["original"]["kernel_ms"]
+            for label, p in prof.items():
+                share = f"{p['norm_ms']:.1f} ({100 * p['norm_ms'] / p['kernel_ms']:.1f}%)"
+                if label == "original":
+                    L.append(f"| {r['name']} | {label} | {p['kernel_ms']:.1f} | {share} | | | |")
+                    continue
+                saved = p["removed_ms"] - p["added_ms"]
+                L.append(
+                    f"| {r['name']} | {label} | {p['kernel_ms']:.1f} | {share} "
+                    f"| {p['removed_ms']:.1f} ({p['removed_nodes']} nodes) -> {p['added_ms']:.1f} "
+                    f"({p['added_nodes']} nodes) | **{100 * saved / total:+.1f}%** | {p['common_ratio']:.3f} |"
+                )
+        L.append("")
+
     L.append("## Targets")
     L.append("")
-    L.append("Converted/original median latency: at most 0.97 on the DeiT-Tiny-size model, and no slowdown "
-             "(at most 1.00) on any model. Read against the A/A row: a ratio within the A/A row's distance "
-             "from 1 is no difference.")
+    L.append(" ".join("""
+        Converted/original median latency: at most 0.97 on the DeiT-Tiny-size model, and no slowdown
+        (at most 1.00) on any model. Read against the A/A row: a ratio within the A/A row's distance
+        from 1 is no difference. The no-norm bound's ratio is the best any norm rewrite could do in
+        this run. "Kernel-profile estimate" is 1 - saved / original kernel time from the kernel
+        profile above (ORT_ENABLE_ALL only): the latency ratio the rewritten nodes alone imply.""".split()))
     L.append("")
-    L.append("| model | level | A/A ratio | variant | median ratio | target | met |")
-    L.append("|---|---|--:|---|--:|--:|---|")
+    L.append("| model | level | A/A ratio | no-norm bound ratio | variant | median ratio | kernel-profile estimate "
+             "| target | met (median ratio) |")
+    L.append("|---|---|--:|--:|---|--:|--:|--:|---|")
     for r in results:
         for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
             lat = r["latency"][level]
             base = lat["original"]["median_ms"]
             aa = next((x for k, x in lat.items() if k.startswith("original (A/A")), None)
             aa_s = "-" if aa is None else _ratio(aa["median_ms"], base)
+            bound = _ratio(lat["no-norm bound"]["median_ms"], base)
+            prof = r.get("profile") if level == "ORT_ENABLE_ALL" else None
             for label in [k for k in lat if k.startswith(("rmsnorm", "crmsnorm"))]:
                 ratio = lat[label]["median_ms"] / base
                 target = RATIO_TARGET.get(r["name"], 1.0)
-                L.append(f"| {r['name']} | {level} | {aa_s} | {label} | {ratio:.3f} | {target:.2f} "
-                         f"| {'yes' if ratio <= target else '**no**'} |")
+                estimate = "-"
+                if prof and label in prof:
+                    p = prof[label]
+                    estimate = f"{1 - (p['removed_ms'] - p['added_ms']) / prof['original']['kernel_ms']:.3f}"
+                L.append(f"| {r['name']} | {level} | {aa_s} | {bound} | {label} | {ratio:.3f} | {estimate} "
+                         f"| {target:.2f} | {'yes' if ratio <= target else '**no**'} |")
     L.append("")
     L.append(" ".join("""
         Notes: the no-norm bound drops every LayerNormalization (its output rewired to its input), so
@@ -437,20 +560,25 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=8, help="interleaved latency repetitions per level and model")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved latency repetitions per level, for every model (default: "
+                             + ", ".join(f"{n} {m['repeats']}" for n, m in MODELS.items()) + ")")
     parser.add_argument("--warmups", type=int, default=1,
                         help="untimed runs per session before the repetitions (normfold.bench.WARMUP_RUNS)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--gpt2-vocab", type=int, default=MODELS["gpt2_small"]["size"]["vocab"],
                         help="vocabulary of the GPT-2-size model (smaller exports need less memory)")
+    parser.add_argument("--profile-runs", type=int, default=None,
+                        help="interleaved runs per variant of onnxruntime's kernel profile, 0 for none (default: "
+                             + ", ".join(f"{n} {m['profile_runs']}" for n, m in MODELS.items()) + ")")
     parser.add_argument("--no-aa", action="store_true", help="leave out the A/A row (a 2nd session of the original)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "normfold-bench",
                         help="where the built models are cached and scratch outputs go")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached models")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmups < 0:
-        parser.error("--repeats must be at least 1 and --warmups at least 0")
+    if (args.repeats is not None and args.repeats < 1) or args.warmups < 0 or (args.profile_runs or 0) < 0:
+        parser.error("--repeats must be at least 1, --warmups and --profile-runs at least 0")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:

@@ -48,12 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", type=Path)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
 
-    verify = sub.add_parser("verify", help="check two models compute the same function")
-    verify.add_argument("reference", type=Path)
-    verify.add_argument("candidate", type=Path)
+    verify = sub.add_parser(
+        "verify", help="check a candidate computes the same function as a reference model or reference file",
+        usage="normfold verify REFERENCE.onnx CANDIDATE.onnx [options]\n"
+              "       normfold verify CANDIDATE.onnx --reference REF.npz [options]\n"
+              "       normfold verify MODEL.onnx [CANDIDATE.onnx] --save-reference REF.npz [options]",
+        description="Exit 0: equivalent within tolerance (or reference saved); 1: not equivalent; 2: bad input.")
+    verify.add_argument("models", type=Path, nargs="+", metavar="MODEL.onnx",
+                        help="the reference and candidate models, or one model with --reference/--save-reference")
+    verify.add_argument("--reference", dest="reference_file", type=Path, metavar="REF.npz",
+                        help="check the one model given against this reference file instead of a reference model")
+    verify.add_argument("--save-reference", type=Path, metavar="REF.npz",
+                        help="save the reference run's inputs, outputs, seed and tolerances to this .npz")
+    verify.add_argument("--force", action="store_true", help="overwrite an existing --save-reference file")
     verify.add_argument("--inputs", type=Path, help=".npz file of input arrays")
-    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("--tolerance", action="append", default=[], metavar="NAME=ATOL,RTOL",
+                        help="tolerances of one output, overriding the dtype defaults (repeatable)")
+    verify.add_argument("--tolerance-class", choices=["fold", "renorm"],
+                        help="default tolerances: fold (BN/affine folds, the default) or renorm (LN -> RMSNorm)")
+    verify.add_argument("--bisect", action="store_true",
+                        help="on failure, find the first intermediate value (same name in both) that diverges")
+    verify.add_argument("--junit", type=Path, metavar="FILE.xml", help="write a JUnit XML report")
+    verify.add_argument("--report", type=Path, metavar="FILE.json", help="write the JSON result to a file")
+    verify.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     _add_verify_options(verify)
+    verify.set_defaults(seed=None)  # None: not given (a reference file brings its own seed); 0 otherwise
 
     sub.add_parser("passes", help="list the available passes")
 
@@ -153,15 +172,193 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    import dataclasses
+    import time
+
+    from normfold import io
+    from normfold import reference as reference_file
     from normfold import verification as verify_module
 
-    inputs = verify_module.load_inputs(args.inputs) if args.inputs else None
-    result = verify_module.verify(args.reference, args.candidate, inputs=inputs, **_verify_kwargs(args))
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+    reference_model, candidate = _verify_operands(args)
+    shapes = _parse_shapes(args.shape)
+    tolerances = _parse_tolerances(args.tolerance)
+    if args.save_reference and os.path.lexists(args.save_reference) and not args.force:
+        raise InputError(f"{args.save_reference}: already exists (use --force to overwrite)")
+    start = time.perf_counter()
+    if candidate is not None:
+        io.load(candidate)  # validates it before any run
+    if args.reference_file:
+        data = reference_file.load(args.reference_file)
     else:
-        print("\n".join(result.summary_lines()))
+        inputs = verify_module.load_inputs(args.inputs) if args.inputs else None
+        _progress(f"running {reference_model}")
+        data = verify_module.run_reference(reference_model, inputs=inputs, shapes=shapes,
+                                           seed=0 if args.seed is None else args.seed)
+    tolerance_class, atol, rtol, per_output = verify_module.resolve_tolerances(
+        data, atol=args.atol, rtol=args.rtol, tolerance_class=args.tolerance_class, tolerances=tolerances)
+    data = dataclasses.replace(data, tolerance_class=tolerance_class, atol=atol, rtol=rtol, tolerances=per_output)
+
+    if candidate is None:  # only saving a reference
+        reference_file.save(data, args.save_reference, force=args.force)
+        document = _reference_document(data, reference_model, args.save_reference)
+        print(json.dumps(document, indent=2) if args.json else _reference_line(data, args.save_reference))
+        return 0
+
+    _progress(f"checking {candidate}")
+    result = verify_module.check_candidate(data, candidate, provider=args.provider)
+    bisected = None
+    if args.bisect and not result.passed:
+        from normfold.bisect import bisect
+
+        _progress("bisecting")
+        bisected = bisect(reference_model, candidate, inputs=data.inputs, atol=atol, rtol=rtol,
+                          tolerance_class=tolerance_class, tolerances=per_output, provider=args.provider)
+    seconds = time.perf_counter() - start
+    reference_label = str(args.reference_file or reference_model)
+    if args.save_reference:
+        reference_file.save(data, args.save_reference, force=args.force)
+    document = {
+        "schema": VERIFY_SCHEMA,
+        "reference": str(reference_model) if reference_model else None,
+        "reference_file": str(args.reference_file) if args.reference_file else None,
+        "candidate": str(candidate),
+        **result.to_dict(),
+        "bisect": bisected.to_dict() if bisected is not None else None,
+        "saved_reference": str(args.save_reference) if args.save_reference else None,
+        "seconds": round(seconds, 3),
+    }
+    if args.junit:
+        from normfold.junit import write_junit
+
+        write_junit(args.junit, result, reference=reference_label, candidate=str(candidate), seconds=seconds,
+                    bisect=bisected)
+    if args.report:
+        from normfold.atomic import write_json
+
+        write_json(args.report, document)
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0 if result.passed else 1
+    lines = result.summary_lines()
+    if not result.passed:
+        lines.append("  reproduce: " + _reproduce_command(args, data, reference_model, candidate))
+    if bisected is not None:
+        lines += bisected.summary_lines()
+    elif args.bisect:
+        lines.append("bisect: not needed, every output is within tolerance")
+    if args.save_reference:
+        lines.append(_reference_line(data, args.save_reference))
+    print("\n".join(lines))
     return 0 if result.passed else 1
+
+
+VERIFY_SCHEMA = "normfold.verify/1"
+
+
+def _verify_operands(args) -> tuple[Path | None, Path | None]:
+    """(reference model, candidate model) from `verify`'s positionals and flags; bad combinations exit 2."""
+    models = args.models
+    if len(models) > 2:
+        raise InputError("verify takes at most two models: REFERENCE.onnx CANDIDATE.onnx")
+    if args.reference_file:
+        if args.save_reference:
+            raise InputError("--reference reads a reference file and --save-reference writes one; use one of them")
+        if len(models) != 1:
+            raise InputError("with --reference give only CANDIDATE.onnx: the reference file replaces the reference "
+                             "model")
+        given = [flag for flag, value in (("--inputs", args.inputs), ("--shape", args.shape),
+                                          ("--seed", args.seed is not None)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} cannot be combined with --reference: the reference file "
+                             "brings its own inputs")
+        if args.bisect:
+            raise InputError("--bisect needs both models (a reference file holds only inputs and outputs): "
+                             "normfold verify REFERENCE.onnx CANDIDATE.onnx --bisect")
+        reference_model, candidate = None, models[0]
+    else:
+        if len(models) == 1 and not args.save_reference:
+            raise InputError("give REFERENCE.onnx CANDIDATE.onnx, or CANDIDATE.onnx --reference REF.npz, or "
+                             "MODEL.onnx --save-reference REF.npz")
+        reference_model, candidate = models[0], (models[1] if len(models) == 2 else None)
+    if candidate is None:
+        needing = [flag for flag, value in (("--bisect", args.bisect), ("--junit", args.junit),
+                                            ("--report", args.report)) if value]
+        if needing:
+            raise InputError(f"{', '.join(needing)} need a candidate model: normfold verify REFERENCE.onnx "
+                             "CANDIDATE.onnx ...")
+    reads = [p for p in (*models, args.reference_file, args.inputs) if p is not None]
+    writes = [(flag, p) for flag, p in (("--save-reference", args.save_reference), ("--junit", args.junit),
+                                        ("--report", args.report)) if p is not None]
+    for i, (flag, path) in enumerate(writes):
+        for other in reads + [p for _, p in writes[:i]]:
+            if _same_file(path, other):
+                raise InputError(f"{flag} {path}: would overwrite {other}, which this command reads or writes")
+    return reference_model, candidate
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _parse_tolerances(items: list[str]) -> dict[str, tuple[float, float]]:
+    tolerances = {}
+    for item in items:
+        name, sep, values = item.rpartition("=")
+        parts = values.split(",")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if not sep or not name or len(numbers) != 2 or not all(0 <= n < float("inf") for n in numbers):
+            raise InputError(f"--tolerance {item!r}: expected NAME=ATOL,RTOL with two non-negative numbers")
+        if name in tolerances:
+            raise InputError(f"--tolerance: output {name!r} is given twice")
+        tolerances[name] = (numbers[0], numbers[1])
+    return tolerances
+
+
+def _reproduce_command(args, data, reference_model, candidate) -> str:
+    import shlex
+
+    if args.reference_file:
+        return shlex.join(["normfold", "verify", str(candidate), "--reference", str(args.reference_file)])
+    command = ["normfold", "verify", str(reference_model), str(candidate), "--seed", str(data.seed)]
+    if args.inputs:
+        command += ["--inputs", str(args.inputs)]
+    for name, dims in data.shapes.items():
+        command += ["--shape", f"{name}={','.join(map(str, dims))}"]
+    command += ["--tolerance-class", data.tolerance_class]
+    if data.atol is not None:
+        command += ["--atol", repr(data.atol)]
+    if data.rtol is not None:
+        command += ["--rtol", repr(data.rtol)]
+    for name, (a, r) in data.tolerances.items():
+        command += ["--tolerance", f"{name}={a!r},{r!r}"]
+    if args.provider != "cpu":
+        command += ["--provider", args.provider]
+    return shlex.join(command) + " (add --save-reference REF.npz to keep these inputs and outputs)"
+
+
+def _reference_document(data, reference_model, path) -> dict:
+    def arrays(values, generated=None):
+        return {name: {"dtype": str(a.dtype), "shape": list(a.shape),
+                       **({"generated": name in generated} if generated is not None else {})}
+                for name, a in values.items()}
+
+    return {"schema": VERIFY_SCHEMA, "reference": str(reference_model), "saved_reference": str(path),
+            "seed": data.seed, "tolerance_class": data.tolerance_class,
+            "inputs": arrays(data.inputs, set(data.generated)), "outputs": arrays(data.outputs)}
+
+
+def _reference_line(data, path) -> str:
+    generated = f"{len(data.generated)} generated with seed {data.seed}" if data.generated else "all given"
+    return (f"saved reference {path}: {len(data.inputs)} input(s) ({generated}), {len(data.outputs)} output(s), "
+            f"tolerance class {data.tolerance_class}")
 
 
 def cmd_passes(args) -> int:

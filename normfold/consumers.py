@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from normfold.constants import constant
 from normfold.report import node_label
-from normfold.rewrite import add_initializer, insert_after_value
+from normfold.rewrite import add_initializer, cast_finite, insert_after_value, set_input
 from normfold.residual import keeps_width
 
 MAX_VIEW_DEPTH = 8
@@ -87,9 +87,9 @@ def _gemm_edit(node: ir.Node, new_weight, delta, model):
         new_c = cast_checked(np.asarray(new_c), new_weight.dtype, "bias")
 
     def apply() -> None:
-        _set_input(node, 1, new_weight, model, "weight")
+        set_input(node, 1, new_weight, model, "weight", "folded")
         if new_c is not None:
-            _set_input(node, 2, new_c, model, "bias")
+            set_input(node, 2, new_c, model, "bias", "folded")
             node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
     return apply
@@ -102,11 +102,11 @@ def _matmul_edit(node: ir.Node, new_weight, delta, model):
         new_bias = cast_checked(np.asarray(bias, np.float64) + delta, new_weight.dtype, "bias")
 
     def apply() -> None:
-        _set_input(node, 1, new_weight, model, "weight")
+        set_input(node, 1, new_weight, model, "weight", "folded")
         if delta is None:
             return
         if bias_add is not None:
-            _set_input(bias_add, bias_index, new_bias, model, "bias")
+            set_input(bias_add, bias_index, new_bias, model, "bias", "folded")
             return
         out = node.outputs[0]
         shift = add_initializer(node.graph, f"{out.name}_norm_beta", delta, model)
@@ -129,19 +129,9 @@ def _following_bias(node: ir.Node, model: ir.Model, features: int):
     return add, index, bias
 
 
-def _set_input(node: ir.Node, index: int, array: np.ndarray, model: ir.Model, role: str) -> None:
-    old = node.inputs[index] if index < len(node.inputs) else None
-    base = old.name if old is not None and old.name else f"{node.name or node.op_type}_{role}"
-    value = add_initializer(node.graph, f"{base}_folded", array, model)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
-
-
 def cast_checked(array: np.ndarray, dtype, role: str) -> np.ndarray:
     """`array` cast to the model's dtype; NotLinear if the dtype cannot hold a value (fp16 overflow)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        cast = np.asarray(array).astype(dtype)
-    if not np.all(np.isfinite(cast)):
+    cast = cast_finite(array, dtype)
+    if cast is None:
         raise NotLinear(f"the folded {role} overflows {np.dtype(dtype).name}")
     return cast

@@ -69,6 +69,25 @@ def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, model: i
     return value
 
 
+def set_input(node: ir.Node, index: int, array: np.ndarray, model: ir.Model, role: str, suffix: str) -> None:
+    """Gives `node` a new initializer holding `array` as input `index` (appended if missing), named after
+    the input it replaces (or the node and `role`) plus `suffix`; the old value is left to its other users."""
+    old = node.inputs[index] if index < len(node.inputs) else None
+    base = old.name if old is not None and old.name else f"{node.name or node.op_type}_{role}"
+    value = add_initializer(node.graph, f"{base}_{suffix}", array, model)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def cast_finite(array: np.ndarray, dtype) -> np.ndarray | None:
+    """The float64 result of a fold cast once to the model's dtype, or None if the dtype cannot hold it
+    (an fp16 overflow): the caller then refuses the fold."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.asarray(array).astype(dtype)
+    return cast if np.all(np.isfinite(cast)) else None
+
+
 def unique_name(graph: ir.Graph, base_name: str) -> str:
     """`base_name`, or `base_name_1`, `base_name_2`, ... whichever no value of the graph uses yet."""
     taken = _value_names(graph)

@@ -5,16 +5,23 @@ disabled, so a fusion cannot hide a bug. Each output passes when, elementwise,
 
     |candidate - reference| <= atol * scale + rtol * |reference|,   scale = max(1, rms(reference)),
 
-with (rtol, atol) taken per output dtype from REFERENCE.md's table, unless given. Integer and bool
-outputs must match exactly; NaNs must sit in the same places. Inputs: N(0, 1) floats, integer ids in
-the range of the embedding table they index (else [0, 10)), random bools; or the user's own (.npz).
+with (rtol, atol) taken per output dtype from REFERENCE.md's table (the coarser dtype when the two
+differ), unless given, globally or per output. Integer and bool outputs must match exactly; NaNs must
+sit in the same places. Inputs: N(0, 1) floats, integer ids in the range of the embedding table they
+index (else [0, 10)), random bools; or the user's own (.npz).
+
+The reference side can also be a reference file (normfold.reference): the inputs and outputs of a
+reference run saved earlier, so a candidate is checked without the original model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +29,8 @@ import onnx_ir as ir
 
 from normfold import io, runtime
 from normfold.errors import InputError
+from normfold.reference import ReferenceData
+from normfold.reference import load as load_reference
 
 # (rtol, atol-before-scaling) per dtype and per kind of rewrite, from REFERENCE.md.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
@@ -63,6 +72,7 @@ class VerificationResult:
     provider: str
     seed: int
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    tolerance_class: str = "fold"
 
     @property
     def max_abs_error(self) -> float:
@@ -78,51 +88,180 @@ class VerificationResult:
         data["max_rel_error"] = self.max_rel_error
         return data
 
-    def summary_lines(self) -> list[str]:
-        lines = [f"verification {'passed' if self.passed else 'FAILED'} on {self.provider} (seed {self.seed})"]
+    def summary_lines(self, max_passing: int = 10) -> list[str]:
+        """A short summary: a headline, every failing output, and the passing ones unless there are many."""
+        failing = [o for o in self.outputs if not o.passed]
+        head = f"verification {'passed' if self.passed else 'FAILED'} on {self.provider} (seed {self.seed})"
+        if failing:
+            head += f": {len(failing)} of {len(self.outputs)} outputs out of tolerance"
+        lines = [head]
+        passing = [o for o in self.outputs if o.passed]
+        shown = {id(o) for o in failing} | ({id(o) for o in passing} if len(passing) <= max_passing else set())
         for o in self.outputs:
-            status = "ok  " if o.passed else "FAIL"
-            lines.append(
-                f"  {status} {o.name} {o.dtype}{o.shape}: max_abs {o.max_abs_error:.3g}, max_rel "
-                f"{o.max_rel_error:.3g}, cosine {o.cosine:.6f} (rtol {o.rtol:g}, atol {o.atol:.3g})"
-                + (f" {o.message}" if o.message else "")
-            )
+            if id(o) in shown:
+                lines.append(_output_line(o))
+        if len(passing) > max_passing:
+            worst = max(passing, key=lambda o: o.max_abs_error)
+            lines.append(f"  ok   {len(passing)} outputs within tolerance (largest max_abs {worst.max_abs_error:.3g}, "
+                         f"in {worst.name})")
         return lines
 
 
+def _output_line(o: OutputCheck) -> str:
+    status = "ok  " if o.passed else "FAIL"
+    return (f"  {status} {o.name} {o.dtype}{o.shape}: max_abs {o.max_abs_error:.3g}, max_rel "
+            f"{o.max_rel_error:.3g}, cosine {o.cosine:.6f} (rtol {o.rtol:g}, atol {o.atol:.3g})"
+            + (f" {o.message}" if o.message else ""))
+
+
 def verify(
-    reference: ir.Model | str | os.PathLike,
+    reference: ir.Model | str | os.PathLike | ReferenceData,
     candidate: ir.Model | str | os.PathLike,
     *,
     inputs: Mapping[str, np.ndarray] | None = None,
     shapes: Mapping[str, list[int]] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    tolerance_class: str = "fold",
+    tolerance_class: str | None = None,
     provider: str = "cpu",
     seed: int = 0,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
 ) -> VerificationResult:
-    """Runs both models on the same inputs and compares every output (see module docstring)."""
-    ref_model = reference if isinstance(reference, ir.Model) else io.load(reference)
+    """Runs both models on the same inputs and compares every output (see module docstring).
+
+    `reference` is a model (onnx-ir or an .onnx path) or a reference file (an .npz path or a
+    ReferenceData), which brings its own inputs, seed and tolerances. `tolerances` maps output names
+    to (atol, rtol), overriding `atol`/`rtol` and the dtype defaults for those outputs.
+    `tolerance_class` is "fold" (default) or "renorm".
+    """
     if not isinstance(candidate, ir.Model):
         io.load(candidate)  # validates it, external-data paths included, before onnxruntime reads it
-    with runtime.model_file(reference) as ref_path, runtime.model_file(candidate) as cand_path:
-        ref_session = runtime.make_session(ref_path, provider="cpu", optimize=False)
+    data = reference_data(reference, inputs=inputs, shapes=shapes, seed=seed)
+    return _check(data, candidate, atol=atol, rtol=rtol, tolerance_class=tolerance_class, provider=provider,
+                  tolerances=tolerances)
+
+
+def check_candidate(
+    reference: ReferenceData,
+    candidate: ir.Model | str | os.PathLike,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    tolerance_class: str | None = None,
+    provider: str = "cpu",
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+) -> VerificationResult:
+    """Runs `candidate` on a reference's inputs and compares its outputs with the reference's."""
+    if not isinstance(candidate, ir.Model):
+        io.load(candidate)
+    return _check(reference, candidate, atol=atol, rtol=rtol, tolerance_class=tolerance_class, provider=provider,
+                  tolerances=tolerances)
+
+
+def reference_data(
+    reference: ir.Model | str | os.PathLike | ReferenceData,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+    seed: int = 0,
+) -> ReferenceData:
+    """The reference side: a ReferenceData as given, read from an .npz, or made by running a model."""
+    if isinstance(reference, ReferenceData) or (
+        not isinstance(reference, ir.Model) and Path(reference).suffix == ".npz"
+    ):
+        if inputs is not None or shapes:
+            raise InputError("a reference file brings its own inputs; inputs and shapes cannot be given with it")
+        return reference if isinstance(reference, ReferenceData) else load_reference(reference)
+    return run_reference(reference, inputs=inputs, shapes=shapes, seed=seed)
+
+
+def run_reference(
+    model: ir.Model | str | os.PathLike,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+    seed: int = 0,
+) -> ReferenceData:
+    """Runs the reference model on CPU with every graph optimization off, on given or seeded inputs."""
+    ref_model = model if isinstance(model, ir.Model) else io.load(model)
+    with runtime.model_file(model) as path:
+        session = runtime.make_session(path, provider="cpu", optimize=False)
+        feeds = make_inputs(session, ref_model, user_inputs=inputs, shapes=shapes, seed=seed)
+        outputs = _run(session, feeds, "reference")
+    names = [meta.name for meta in session.get_outputs()]
+    given = set(inputs or {})
+    return ReferenceData(
+        inputs=feeds,
+        outputs=dict(zip(names, outputs)),
+        seed=seed,
+        generated=[name for name in feeds if name not in given],
+        shapes={k: [int(d) for d in v] for k, v in (shapes or {}).items()},
+        input_types={meta.name: meta.type for meta in session.get_inputs() if meta.name in feeds},
+        source=None if isinstance(model, ir.Model) else str(model),
+        onnxruntime_version=runtime.onnxruntime().__version__,
+    )
+
+
+def resolve_tolerances(
+    reference: ReferenceData,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    tolerance_class: str | None = None,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+) -> tuple[str, float | None, float | None, dict[str, tuple[float, float]]]:
+    """(class, atol, rtol, per-output) to check with: the given ones, else the reference file's.
+
+    Refuses unknown classes, negative or non-finite tolerances and per-output names the reference
+    has no output for.
+    """
+    tclass = tolerance_class or reference.tolerance_class or "fold"
+    if tclass not in TOLERANCES:
+        raise InputError(f"unknown tolerance class {tclass!r}; choose one of: {', '.join(TOLERANCE_ORDER)}")
+    atol = reference.atol if atol is None else _tolerance(atol, "atol")
+    rtol = reference.rtol if rtol is None else _tolerance(rtol, "rtol")
+    per_output = dict(reference.tolerances)
+    for name, pair in (tolerances or {}).items():
+        try:
+            a, r = pair
+        except (TypeError, ValueError):
+            raise InputError(f"tolerance for output {name!r}: expected (atol, rtol), got {pair!r}") from None
+        per_output[name] = (_tolerance(a, f"atol of {name!r}"), _tolerance(r, f"rtol of {name!r}"))
+    unknown = [name for name in per_output if name not in reference.outputs]
+    if unknown:
+        raise InputError(f"--tolerance: no output named {', '.join(map(repr, unknown))} "
+                         f"(outputs: {', '.join(reference.outputs)})")
+    return tclass, atol, rtol, per_output
+
+
+def _tolerance(value: Any, label: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{label}: {value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise InputError(f"{label}: {value!r} must be a finite number >= 0")
+    return number
+
+
+def _check(data: ReferenceData, candidate, *, atol, rtol, tolerance_class, provider, tolerances) -> VerificationResult:
+    tclass, atol, rtol, per_output = resolve_tolerances(
+        data, atol=atol, rtol=rtol, tolerance_class=tolerance_class, tolerances=tolerances)
+    with runtime.model_file(candidate) as cand_path:
         cand_session = runtime.make_session(cand_path, provider=provider, optimize=True)
-        feeds = make_inputs(ref_session, ref_model, user_inputs=inputs, shapes=shapes, seed=seed)
-        _check_same_interface(ref_session, cand_session, feeds)
-        ref_outputs = _run(ref_session, feeds, "reference")
-        cand_outputs = _run(cand_session, feeds, "candidate")
-    checks = [
-        compare(meta.name, ref, cand, atol=atol, rtol=rtol, tolerance_class=tolerance_class)
-        for meta, ref, cand in zip(ref_session.get_outputs(), ref_outputs, cand_outputs)
-    ]
+        check_interface(data, cand_session)
+        cand_outputs = _run(cand_session, data.inputs, "candidate")
+    checks = []
+    for (name, ref), cand in zip(data.outputs.items(), cand_outputs):
+        a, r = per_output.get(name, (atol, rtol))
+        checks.append(compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tclass))
     return VerificationResult(
         passed=all(c.passed for c in checks),
         outputs=checks,
         provider=provider,
-        seed=seed,
-        input_shapes={k: list(v.shape) for k, v in feeds.items()},
+        seed=data.seed,
+        input_shapes={k: list(np.shape(v)) for k, v in data.inputs.items()},
+        tolerance_class=tclass,
     )
 
 
@@ -131,18 +270,20 @@ def compare(name, reference, candidate, *, atol=None, rtol=None, tolerance_class
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     dtype = _dtype_name(reference.dtype)
     base = dict(name=name, dtype=dtype, shape=list(reference.shape))
+    tolerance_dtype = _coarser(dtype, _dtype_name(candidate.dtype))
     if reference.shape != candidate.shape:
         return OutputCheck(**base, passed=False, max_abs_error=float("inf"), max_rel_error=float("inf"),
                            mean_abs_error=float("inf"), cosine=0.0, rtol=0.0, atol=0.0,
                            message=f"shape differs: candidate {list(candidate.shape)}")
-    if reference.dtype.kind not in "fc":
+    if reference.dtype.kind not in "fcV":
         equal = np.array_equal(reference, candidate)
-        diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64)) if reference.dtype.kind != "O" else None
+        numeric = reference.dtype.kind in "biu" and candidate.dtype.kind in "biufc"
+        diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64)) if numeric else None
         max_abs = float(diff.max()) if diff is not None and diff.size else 0.0
         return OutputCheck(**base, passed=bool(equal), max_abs_error=max_abs, max_rel_error=0.0 if equal else float("inf"),
                            mean_abs_error=float(diff.mean()) if diff is not None and diff.size else 0.0,
                            cosine=1.0 if equal else 0.0, rtol=0.0, atol=0.0)
-    default_rtol, default_atol = TOLERANCES[tolerance_class].get(dtype, TOLERANCES[tolerance_class]["float32"])
+    default_rtol, default_atol = TOLERANCES[tolerance_class].get(tolerance_dtype, TOLERANCES[tolerance_class]["float32"])
     ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
     finite = np.isfinite(ref64)
     scale = max(1.0, float(np.sqrt(np.mean(np.square(ref64[finite]))))) if finite.any() else 1.0
@@ -272,13 +413,14 @@ def _id_range(model: ir.Model, input_name: str) -> int | None:
     return None
 
 
-def _check_same_interface(ref_session, cand_session, feeds) -> None:
+def check_interface(reference: ReferenceData, cand_session) -> None:
+    """The candidate takes the reference's inputs (same onnxruntime types) and has its outputs, in order."""
     cand_in = {m.name: m.type for m in cand_session.get_inputs()}
-    ref_in = {m.name: m.type for m in ref_session.get_inputs()}
-    for name in feeds:
-        if cand_in.get(name) != ref_in[name]:
-            raise InputError(f"the models' inputs differ: candidate has no input {name!r} of {ref_in[name]}")
-    ref_out = [m.name for m in ref_session.get_outputs()]
+    for name in reference.inputs:
+        want = reference.input_type(name)
+        if cand_in.get(name) != want:
+            raise InputError(f"the models' inputs differ: candidate has no input {name!r} of {want}")
+    ref_out = list(reference.outputs)
     cand_out = [m.name for m in cand_session.get_outputs()]
     if ref_out != cand_out:
         raise InputError(f"the models' outputs differ: reference {ref_out}, candidate {cand_out}")
@@ -296,6 +438,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(np.dot(a.reshape(-1), b.reshape(-1)) / (na * nb))
+
+
+_PRECISION = {"bfloat16": 0, "float16": 1, "float32": 2, "float64": 3}
+
+
+def _coarser(a: str, b: str) -> str:
+    """Of two float dtype names, the less precise (its tolerances apply); `a` when either is not a float."""
+    return b if a in _PRECISION and b in _PRECISION and _PRECISION[b] < _PRECISION[a] else a
 
 
 def _dtype_name(dtype: np.dtype) -> str:

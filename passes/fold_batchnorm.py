@@ -30,7 +30,7 @@ import onnx_ir as ir
 from normfold import foldmath
 from normfold.constants import constant
 from normfold.shapes import rank
-from normfold.rewrite import NormPass, add_initializer, bypass, only_consumer
+from normfold.rewrite import NormPass, add_initializer, bypass, cast_finite, only_consumer, set_input
 
 
 class Refused(Exception):
@@ -181,14 +181,14 @@ def _fold_after_matmul(bn: BatchNorm, producer: ir.Node, model: ir.Model) -> Non
     bias = None if add is None else _bias_vector(add, bias_index, model, weight.shape[1])
     new_weight = _cast(foldmath.scale_channels(weight, bn.scale, axis=1), weight.dtype, "weight")
     new_bias = _cast(foldmath.affine_after_bias(bias, bn.scale, bn.shift), weight.dtype, "bias")
-    _replace_input(matmul, 1, model, new_weight, "weight")
+    set_input(matmul, 1, new_weight, model, "weight", "folded")
     if add is None:
         shift = add_initializer(bn.node.graph, f"{bn.node.outputs[0].name}_shift", new_bias, model)
         add_node = ir.node("Add", [matmul.outputs[0], shift], name=f"{bn.node.name or 'bn'}_folded_shift")
         bn.node.graph.insert_after(matmul, add_node)
         bypass(bn.node, add_node.outputs[0])
     else:
-        _replace_input(add, bias_index, model, new_bias, "bias")
+        set_input(add, bias_index, new_bias, model, "bias", "folded")
         bypass(bn.node, add.outputs[0])
 
 
@@ -252,26 +252,16 @@ def _bias_vector(add: ir.Node, index: int, model: ir.Model, channels: int) -> np
 def _set_weights(node, model, *, weight_index, weight, bias_index, bias, dtype) -> None:
     """Points the node at new initializers holding `weight` and `bias`, cast once to `dtype`."""
     weight, bias = _cast(weight, dtype, "weight"), _cast(bias, dtype, "bias")
-    _replace_input(node, weight_index, model, weight, "weight")
-    _replace_input(node, bias_index, model, bias, "bias")
+    set_input(node, weight_index, weight, model, "weight", "folded")
+    set_input(node, bias_index, bias, model, "bias", "folded")
 
 
 def _cast(array: np.ndarray, dtype: np.dtype, role: str) -> np.ndarray:
     """The float64 result cast to the model's dtype; refuses values the dtype cannot hold."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        cast = array.astype(dtype)
-    if not np.all(np.isfinite(cast)):
+    cast = cast_finite(array, dtype)
+    if cast is None:
         raise Refused(f"the folded {role} overflows {np.dtype(dtype).name}")
     return cast
-
-
-def _replace_input(node: ir.Node, index: int, model: ir.Model, array: np.ndarray, role: str) -> None:
-    old = node.inputs[index] if index < len(node.inputs) else None
-    base = old.name if old is not None and old.name else f"{node.name or node.op_type}_{role}"
-    value = add_initializer(node.graph, f"{base}_folded", array, model)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
 
 
 def _constant_input(node: ir.Node, index: int, role: str, model: ir.Model) -> np.ndarray:

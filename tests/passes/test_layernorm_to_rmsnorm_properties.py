@@ -4,8 +4,12 @@ Hypothesis draws every knob of transformer_graphs.Config: width 4..48 with a hea
 depth 1..3, vocab, batch, sequence length, bias, tied embeddings (Transpose / Gemm transB / copy),
 Phi or NeoX parallel blocks, GELU or SwiGLU, each LayerNorm spelling at each valid opset (13..23),
 fused QKV, MatMul or Gemm projections, position tables, dynamic axes, Dropout, positive reduce axes,
-flattened LNs, epsilon, float32 or float16, +0/+4/+100 on the embedding tables, offset biases, the
-seed of every weight, and the emission target ("onnx" or "ort").
+flattened LNs, epsilon, float32 or float16, +0/+4/+100 on the embedding tables (fp16 with a tied
+head: +0/+4 only, see below), offset biases, the seed of every weight, and the emission target.
+
+fp16 + tied head + a +100 table is left out: the recentred fp16 weights leave the stream zero-mean only
+to about 1e-4 of its rms, RMSNorm keeps that mean, and the head's +100 mean multiplies it by about
+100 d; normfold's verification rejects such conversions (a unit test checks it never passes silently).
 
 Checks per example, with REFERENCE.md's tolerances (fp32 rtol 1e-4, atol 1e-4 * max(1, rms(ref));
 fp16 1e-2 / 1e-2 * scale), never loosened:
@@ -102,16 +106,20 @@ def configs(draw, *, dtype: str, negative: bool = False) -> tg.Config:
     fp16_affine = "outside"
     if dtype == "float16" and "fp16_affine_inside" not in KNOWN_BUGS:
         fp16_affine = draw(st.sampled_from(["outside", "inside"]))
+    tied = draw(st.sampled_from(tg.TIED))
+    # fp16 with a tied head and +100 on the table is beyond what the rewrite can keep within 1e-2 (see
+    # test_layernorm_to_rmsnorm.test_fp16_tied_head_with_a_large_mean_table_never_passes_silently)
+    offsets = [0.0, 4.0] if dtype == "float16" and tied != "none" else [0.0, 4.0, 100.0]
     knobs = dict(
         d=d, heads=heads, depth=depth, ln_spelling=spelling, opset=opset, parallel=parallel, dtype=dtype,
         vocab=draw(st.integers(2, 40)), seq=draw(st.integers(1, 6)), batch=draw(st.integers(1, 2)),
-        mlp_ratio=draw(st.sampled_from([1, 2, 4])), bias=draw(st.booleans()), tied=draw(st.sampled_from(tg.TIED)),
+        mlp_ratio=draw(st.sampled_from([1, 2, 4])), bias=draw(st.booleans()), tied=tied,
         mlp=draw(st.sampled_from(["gelu", "swiglu"])), fused_qkv=draw(st.booleans()),
         proj=draw(st.sampled_from(["matmul", "gemm"])), pos=draw(st.sampled_from(["gather", "const", "none"])),
         embedding_ln=embedding_ln, fp16_affine=fp16_affine, dynamic=draw(st.booleans()),
         dropout=draw(st.booleans()), positive_axes=draw(st.booleans()), flat_ln=draw(st.booleans()),
         eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12] if dtype == "float32" else [1e-5, 1e-3])),
-        embedding_offset=draw(st.sampled_from([0.0, 4.0, 100.0])), bias_offset=draw(st.sampled_from([0.0, 3.0])),
+        embedding_offset=draw(st.sampled_from(offsets)), bias_offset=draw(st.sampled_from([0.0, 3.0])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
     if negative:

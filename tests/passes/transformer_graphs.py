@@ -1,9 +1,11 @@
 """Random Pre-LN (and Post-LN) transformers written directly as ONNX (onnx.helper + numpy, no torch).
 
-`build(Config(...))` returns a `TransformerCase`: a ModelProto with static shapes, int64 token ids
-`ids` (batch, seq) as its only input and `logits` (batch, seq, vocab) as its output (plus `h{i}` when
-`stream_output` exposes a residual sum), and what the layernorm-to-rmsnorm pass should do with it.
-Every model builds in a few milliseconds; weights come from numpy.random.default_rng(seed).
+`build(Config(...))` or `build(**knobs)` returns a `TransformerCase`: a ModelProto (static shapes unless
+`dynamic`) with int64 token ids `ids` (batch, seq) as its only input and `logits` (batch, seq, vocab)
+as its output (plus the residual sum `h{i}` itself when `stream_output=i`), the LayerNorms' names and
+the seeded arrays. Every model builds in a few milliseconds; weights come from
+numpy.random.default_rng(seed). `run` executes a model on onnxruntime; `exact_outputs` evaluates it in
+float64 with onnx's reference evaluator (the ground truth the tests measure conversions against).
 
 Dataflow, as the exporters write it:
     h = Gather(E, ids) [+ pos]                      token table E (vocab, d), + embedding_offset everywhere
@@ -22,8 +24,9 @@ Knobs (Config):
   constant folding leaves it);
 - parallel: "none", "neox" (two LNs per block), "phi" (one LN shared by both branches);
 - mlp: "gelu" (the Erf spelling exporters write below opset 20) or "swiglu" (x Sigmoid(x) gate);
-- ln_spelling: "fused" (LayerNormalization, opset 17 or 18), "decomposed" (ReduceMean, Sub, Pow,
-  ReduceMean, Add, Sqrt, Div, Mul, Add: axes as attribute at opset 13, as input at opset 18),
+- ln_spelling: "fused" (LayerNormalization, opset 17..23), "decomposed" (ReduceMean, Sub, Pow,
+  ReduceMean, Add, Sqrt, Div, Mul, Add, as the TorchScript exporter writes it: axes as attribute
+  below opset 18, as input from 18),
   "decomposed_mul" (Mul(d, d) instead of Pow), "reciprocal" (Mul by Reciprocal(Sqrt(.)));
 - fused_qkv: one (d, 3d) projection and a Split, else three projections;
 - proj: "matmul" (MatMul + Add) or "gemm" (Reshape -> Gemm -> Reshape, like HF GPT-2's Conv1D);
@@ -47,7 +50,8 @@ Knobs (Config):
 - flat_ln: each LN reads a (batch*seq, d) Reshape of the stream and is reshaped back after, as some
   exporters flatten tokens around norms.
 
-`opset` defaults to 17 for fused LNs and 13 for decomposed ones (18 is also valid for both).
+`opset` defaults to 17 for fused LNs and 13 for decomposed ones; any of 13..23 is valid (17..23 for
+fused), with the IR version onnx shipped with that opset.
 """
 
 from __future__ import annotations
@@ -113,6 +117,12 @@ class Config:
             raise ValueError("post_ln with parallel blocks is not a real architecture")
         if self.ln_spelling == "fused" and self.resolved_opset < 17:
             raise ValueError("LayerNormalization needs opset >= 17")
+        if self.resolved_opset not in IR_FOR_OPSET:
+            raise ValueError(f"opset {self.resolved_opset} is outside 13..23")
+        for knob in ("stream_output", "raw_reader"):
+            index = getattr(self, knob)
+            if index is not None and not 0 <= index < self.depth:
+                raise ValueError(f"{knob}={index} needs a block index below depth={self.depth}")
 
     @property
     def resolved_opset(self) -> int:
@@ -442,6 +452,21 @@ def build(config: Config | None = None, **knobs) -> TransformerCase:
 def random_ids(case: TransformerCase, seed: int = 0) -> np.ndarray:
     c = case.config
     return np.random.default_rng(seed).integers(0, c.vocab, size=(c.batch, c.seq)).astype(np.int64)
+
+
+def validate(case: TransformerCase, ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """Checks a built model: onnx.checker (full, with shape inference) and a run on onnxruntime giving
+    finite logits of shape (batch, seq, vocab) in the model dtype. Returns the outputs."""
+    c = case.config
+    onnx.checker.check_model(case.model, full_check=True)
+    ids = random_ids(case) if ids is None else ids
+    outputs = run(case.model, ids)
+    expected = (ids.shape[0], ids.shape[1], c.vocab)
+    if outputs[0].shape != expected or outputs[0].dtype != np.dtype(c.dtype):
+        raise AssertionError(f"logits {outputs[0].dtype}{outputs[0].shape}, expected {c.dtype}{expected}")
+    if not all(np.isfinite(o).all() for o in outputs):
+        raise AssertionError("non-finite outputs")
+    return outputs
 
 
 def run(model: onnx.ModelProto, ids: np.ndarray, *, optimize: bool = False) -> list[np.ndarray]:
