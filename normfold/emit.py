@@ -59,8 +59,16 @@ class Emitter:
         return add_initializer(self.graph, name, array, self.model)
 
     def rmsnorm(self, x: ir.Value, *, epsilon: float, gamma: ir.Value | None, beta: ir.Value | None,
-                dtype: ir.DataType, name: str) -> ir.Value:
-        """RMSNorm of x over its last axis (see module docstring)."""
+                dtype: ir.DataType, name: str, out_dtype: ir.DataType | None = None) -> ir.Value:
+        """RMSNorm of x over its last axis (see module docstring).
+
+        When gamma's dtype differs from x's (fp16 exports that apply a float32 affine inside their Cast
+        wrappers), x is cast to gamma's dtype first and the result cast to `out_dtype` at the end."""
+        out_dtype = out_dtype or dtype
+        if gamma is not None and gamma.dtype is not None and gamma.dtype != dtype:
+            x = self.node("Cast", [x], {"to": gamma.dtype}, name=f"{name}/to_affine_type")
+            y = self.rmsnorm(x, epsilon=epsilon, gamma=gamma, beta=beta, dtype=gamma.dtype, name=name)
+            return self.node("Cast", [y], {"to": out_dtype}, name=f"{name}/to_output_type") if out_dtype != gamma.dtype else y
         if self.target == "ort":
             scale = gamma if gamma is not None else self._ones(x, dtype, name)
             y = self.node("SimplifiedLayerNormalization", [x, scale], {"axis": -1, "epsilon": float(epsilon),

@@ -37,7 +37,7 @@ class NotFoldable(Exception):
 
 
 def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = None, *,
-         drop_last: bool = False, touched: list[ir.Value] | None = None) -> list[Edit]:
+         drop_last: bool = False, touched: list[ir.Value] | None = None, width: int | None = None) -> list[Edit]:
     """Edits that recentre `value` along its last axis, for every reader (use=None) or one (node, index).
 
     With `drop_last`, the recentred value is also stored without its last element (CRMSNorm's d-1
@@ -45,11 +45,15 @@ def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = Non
     Reshape/Expand nodes on the way say d-1. Every value whose width changes is appended to `touched`.
     """
     value_rank = rank(value, model)
-    width = value.shape[-1] if value.shape is not None and value_rank else None
-    if value_rank is None or not isinstance(width, int):
+    if value.shape is not None and value_rank and isinstance(value.shape[-1], int):
+        width = value.shape[-1]
+    if not isinstance(width, int):
         raise NotFoldable(f"the width (last dim) of {value.name!r} is unknown")
     planner = _Planner(model, width, drop_last)
-    edits = planner.plan(value, value_rank - 1, value_rank, use, top=True, depth=0)
+    if value_rank is None:
+        edits = planner.through_computed_reshape(value, use)
+    else:
+        edits = planner.plan(value, value_rank - 1, value_rank, use, top=True, depth=0)
     if touched is not None:
         touched.extend(planner.touched)
     return edits
@@ -103,6 +107,25 @@ class _Planner:
         if node.domain not in ("", "ai.onnx"):
             raise NotFoldable(f"{value.name!r} is computed by {node.domain}.{node.op_type}")
         return self._through(node, value, axis, value_rank, depth)
+
+    def through_computed_reshape(self, value: ir.Value, use) -> list[Edit]:
+        """A value of unknown rank made by Reshape(x, Concat(..., [width])) (exporters' dynamic-shape
+        spelling of x.view(*x.shape[:-1], d)): its last axis is x's last axis."""
+        node = value.producer()
+        if node is None or node.op_type != "Reshape" or not self._keeps_last(node):
+            raise NotFoldable(f"the rank of {value.name!r} is unknown")
+        self.touched.append(value)
+        edits = self._operand(node, 0, rank(node.inputs[0], self.model) - 1, 0)
+        if self.drop_last:
+            edits.append(_computed_shape_edit(node, self.width, self.model))
+        return edits
+
+    def _keeps_last(self, node: ir.Node) -> bool:
+        source_rank = rank(node.inputs[0], self.model)
+        source_width = node.inputs[0].shape[-1] if node.inputs[0].shape is not None and source_rank else None
+        if source_rank is None or source_width != self.width:
+            return False
+        return _last_target_entry(node, self.model) == self.width
 
     def _operand(self, node, index, axis, depth) -> list[Edit]:
         """Plans operand `index` of `node` whose axis `axis` (counted in the operand) is the width."""
@@ -198,6 +221,36 @@ class _Planner:
     def _drop(self, array: np.ndarray, axis: int) -> np.ndarray:
         """Without its last element along `axis`, when storing the stream in d-1 dimensions."""
         return np.take(array, np.arange(self.width - 1), axis=axis) if self.drop_last else array
+
+
+def _last_target_entry(node: ir.Node, model: ir.Model) -> int | None:
+    """The last entry of a Reshape target that is constant, or built by Concat ending in a constant."""
+    target = node.inputs[1]
+    array = constant(target, model).array
+    if array is not None:
+        return int(array.reshape(-1)[-1])
+    producer = target.producer()
+    if producer is not None and producer.op_type == "Concat":
+        tail = constant(producer.inputs[-1], model).array
+        if tail is not None and tail.size:
+            return int(tail.reshape(-1)[-1])
+    return None
+
+
+def _computed_shape_edit(node: ir.Node, width: int, model: ir.Model) -> Edit:
+    """Makes the constant tail of a Concat-built Reshape target say width - 1."""
+    concat = node.inputs[1].producer()
+    if concat is None:
+        return shape_edit(node, len(node.outputs[0].shape) - 1, width, model)
+    tail = constant(concat.inputs[-1], model).array.reshape(-1).copy()
+    tail[-1] = width - 1
+
+    def apply() -> None:
+        old = concat.inputs[-1]
+        concat.replace_input_with(len(concat.inputs) - 1,
+                                  add_initializer(concat.graph, f"{old.name}_crms", tail, model))
+
+    return apply
 
 
 def _axis_before(node: ir.Node, axis: int, value_rank: int) -> int:

@@ -230,7 +230,21 @@ def why_outside(site: NormSite) -> str:
     if x.is_graph_output():
         return f"the value it normalizes, {x.name!r}, is a graph output, so its mean is observable"
     inside = {id(n) for n in site.nodes}
-    for node, _ in x.uses():
-        if id(node) not in inside and node.op_type != "Add" and node.op_type not in VIEW_OPS:
-            return f"the value it normalizes, {x.name!r}, is also read by {node_label(node)}, which sees its mean"
+    reader = _observer(x, inside)
+    if reader is not None:
+        return f"the value it normalizes, {x.name!r}, is also read by {node_label(reader)}, which sees its mean"
     return f"the value it normalizes, {x.name!r}, reaches a reader that is not invariant to its mean"
+
+
+def _observer(value: ir.Value, inside: set[int], depth: int = 0) -> ir.Node | None:
+    """The first reader of `value`, looking through views, that is neither an Add nor in `inside`."""
+    for node, _ in value.uses():
+        if id(node) in inside or node.op_type == "Add":
+            continue
+        if node.op_type in VIEW_OPS and depth < 8:
+            found = _observer(node.outputs[0], inside, depth + 1)
+            if found is not None:
+                return found
+            continue
+        return node
+    return None

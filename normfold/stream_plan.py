@@ -2,8 +2,10 @@
 
 For every stream (normfold.residual) each writer is recentred by folding (normfold.recentre) where
 it can be; a writer that cannot gets an explicit x - mean(x) (normfold.emit) if it does not depend
-on another such writer. A chain of them (each layer's LayerNorm output writing the next residual
-sum) is a Post-LN model: every stream in the chain, and every stream feeding it, is refused.
+on another such writer and the stream has a residual Add (centring a norm's only input explicitly is
+what the LayerNorm already does). A chain of them (each layer's output writing the next residual
+sum) is refused, every stream in it and every stream feeding it; when the writers are LayerNorm
+outputs, that is a Post-LN model and the reason says so.
 With `drop_last` (CRMSNorm) the recentred writers also lose their last element.
 """
 
@@ -27,7 +29,8 @@ class StreamPlan:
     """What recentring one stream takes: edits to apply, writers to centre explicitly, resized values."""
 
     edits: list = field(default_factory=list)
-    explicit: list[tuple[ir.Value, tuple[ir.Node, int] | None]] = field(default_factory=list)
+    explicit: list[tuple[ir.Value, tuple[ir.Node, int] | None, str]] = field(default_factory=list)
+    """(value, the use to centre or None for every use, why it cannot be folded)."""
     touched: list[ir.Value] = field(default_factory=list)
 
 
@@ -39,68 +42,98 @@ def plan_streams(streams: list[Stream], model: ir.Model, *, drop_last: bool = Fa
             plans[id(stream)] = _plan_writers(stream, model, drop_last)
         except NotFoldable as exc:
             refusals[id(stream)] = str(exc)
-    for stream, reason in _post_ln_chains(streams, plans).items():
+    for stream, reason in _chains(streams, plans).items():
         del plans[id(stream)]
         refusals[id(stream)] = reason
     return plans, refusals
 
 
-def apply_explicit(plan: StreamPlan, model: ir.Model, target: str, *, keep: int | None = None) -> dict[int, ir.Value]:
-    """Inserts the explicit centrings (sliced to the first `keep` elements if given); returns
-    {id(old value): new value} so sites reading a centred value can follow it."""
-    moved = {}
-    for value, use in plan.explicit:
-        moved[id(value)] = _centre(value, use, model, target, keep)
+def apply_explicit(plan: StreamPlan, model: ir.Model, target: str, *, keep: int | None = None,
+                   moved: dict[int, ir.Value] | None = None) -> dict[int, ir.Value]:
+    """Inserts the explicit centrings (sliced to the first `keep` elements if given).
+
+    `moved` maps values replaced since planning (a norm output another stream already rewrote) to
+    their replacements; it is extended with {id(old value): centred value} and returned, so sites
+    reading a centred value can follow it."""
+    moved = {} if moved is None else moved
+    for value, use, _ in plan.explicit:
+        current = use[0].inputs[use[1]] if use is not None else moved.get(id(value), value)
+        moved[id(value)] = _centre(current, use, model, target, keep)
     return moved
+
+
+def stream_width(stream: Stream) -> int | None:
+    """The stream's width d: the last dim of a member or the size of a reader's gamma."""
+    for value in stream.values:
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+            return value.shape[-1]
+    for site in stream.readers:
+        for param in (site.gamma, site.beta):
+            if param is not None and param.shape is not None and len(param.shape) and isinstance(param.shape[-1], int):
+                return param.shape[-1]
+    return None
 
 
 def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool) -> StreamPlan:
     """Edits recentring every writer by folding, plus the writers that need an explicit centring op."""
     plan = StreamPlan(touched=list(stream.values) if drop_last else [])
+    width = stream_width(stream)
     writes = [(leaf, None) for leaf in stream.leaves] + [(node.inputs[i], (node, i)) for node, i in stream.external]
     for value, use in writes:
         try:
             if use is not None and constant(value, model).array is None:
                 reader = next(n for n, _ in value.uses() if n is not use[0])
                 raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
-            plan.edits += recentre.plan(value, model, use, drop_last=drop_last, touched=plan.touched)
-        except NotFoldable:
-            plan.explicit.append((value, use))
+            plan.edits += recentre.plan(value, model, use, drop_last=drop_last, touched=plan.touched, width=width)
+        except NotFoldable as exc:
+            plan.explicit.append((value, use, str(exc)))
+    if plan.explicit and not any(_is_residual_sum(v, stream) for v in stream.values):
+        value, _, why = plan.explicit[0]
+        raise NotFoldable(f"the value it normalizes can only be centred by an explicit op ({why}), "
+                          "which is what the LayerNorm already does")
     return plan
 
 
+def _is_residual_sum(value: ir.Value, stream: Stream) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Add" and all(
+        v is not None and v in stream for v in producer.inputs)
 
 
-def _post_ln_chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
-    """Streams whose explicitly centred writers depend on one another: a centring op in every layer.
-
-    One explicit centring is fine (BLOOM's embedding LayerNorm output); a chain of them is Post-LN,
-    where each layer's LayerNorm output writes the next residual sum.
-    """
-    explicit = {id(value): stream for stream in streams if id(stream) in plans
-                for value, _ in plans[id(stream)].explicit}
+def _chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
+    """Streams whose explicitly centred writers depend on one another: a centring op in every layer."""
+    explicit = {id(value): (stream, why) for stream in streams if id(stream) in plans
+                for value, _, why in plans[id(stream)].explicit}
+    norm_outputs = {id(site.y) for stream in streams for site in stream.readers}
     refused: dict[int, tuple[Stream, str]] = {}
     for stream in streams:
-        for value, _ in (plans[id(stream)].explicit if id(stream) in plans else ()):
+        for value, _, why in (plans[id(stream)].explicit if id(stream) in plans else ()):
             upstream = _depends_on_any(value, set(explicit) - {id(value)})
             if upstream is None:
                 continue
-            reason = (f"Post-LN: the stream is written by {value.name!r}, which cannot be recentred by folding "
-                      f"and is computed from another such writer ({upstream.name!r}); an exact conversion would "
-                      "need a centring op in every layer")
+            reason = _chain_reason(value, why, upstream, norm_outputs)
             refused[id(stream)] = (stream, reason)
-            refused.setdefault(id(explicit[id(upstream)]), (explicit[id(upstream)], reason))
-    chain = [value for stream, _ in refused.values() for value, _ in plans[id(stream)].explicit]
+            refused.setdefault(id(explicit[id(upstream)][0]), (explicit[id(upstream)][0], reason))
+    chain = [value for stream, _ in refused.values() for value, _, _ in plans[id(stream)].explicit]
     reason = next((r for _, r in refused.values()), "")
     for stream in streams:
         if id(stream) in plans and id(stream) not in refused:
             outputs = {id(s.y) for s in stream.readers}
             if any(_depends_on_any(value, outputs) is not None or id(value) in outputs for value in chain):
-                refused[id(stream)] = (stream, f"Post-LN: its output feeds the residual chain of a Post-LN model "
-                                               f"({reason.removeprefix('Post-LN: ')})")
+                prefix = "Post-LN: " if reason.startswith("Post-LN") else ""
+                refused[id(stream)] = (stream, f"{prefix}its output feeds a chain of writers that need explicit "
+                                               f"centring ({reason.removeprefix('Post-LN: ')})")
     return {stream: reason for stream, reason in refused.values()}
 
 
+def _chain_reason(value: ir.Value, why: str, upstream: ir.Value, norm_outputs: set[int]) -> str:
+    text = (f"the stream is written by {value.name!r}, which cannot be recentred by folding ({why}) and is "
+            f"computed from another such writer ({upstream.name!r}): an exact conversion would need a centring "
+            "op in every layer")
+    source = value
+    while source.producer() is not None and source.producer().op_type in ("Identity", "Cast", "Dropout"):
+        source = source.producer().inputs[0]
+    return f"Post-LN: {text}" if id(source) in norm_outputs else text
 
 
 def _depends_on_any(value: ir.Value, targets: set[int]) -> ir.Value | None:
@@ -115,7 +148,6 @@ def _depends_on_any(value: ir.Value, targets: set[int]) -> ir.Value | None:
         seen.add(id(v))
         stack.extend(i for i in v.producer().inputs if i is not None)
     return None
-
 
 
 
@@ -137,8 +169,8 @@ def _centre(value: ir.Value, use, model: ir.Model, target: str, keep: int | None
 
 
 
-
 def not_self_contained(site: NormSite) -> str:
+    """Why a LayerNorm site cannot be replaced as a whole (an intermediate read elsewhere), or ""."""
     inside = {id(n) for n in site.nodes}
     for node in site.nodes:
         for out in node.outputs:

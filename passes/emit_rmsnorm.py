@@ -60,7 +60,8 @@ def _escaping_intermediate(site: NormSite) -> str:
 def _re_emit(site: NormSite, model: ir.Model, target: str) -> None:
     dtype = site.x.dtype or ir.DataType.FLOAT
     y = Emitter(model, site.nodes[-1], target).rmsnorm(
-        site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype, name=site.name)
+        site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
+        out_dtype=site.y.dtype or dtype, name=site.name)
     y.shape, y.type = site.y.shape, site.y.type
     replace_value(site.y, y)
     graph = site.nodes[0].graph

@@ -47,7 +47,10 @@ class LayerNormToCRMSNorm(NormPass):
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
         streams = find_streams(model, sites)
+        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
+        outside = [(site.nodes[0], why_outside(site)) for site in sites if id(site.nodes[0]) not in in_streams]
         plans, refusals = plan_streams(streams, model, drop_last=True)
+        moved: dict[int, ir.Value] = {}
         for stream in streams:
             try:
                 if id(stream) not in plans:
@@ -55,7 +58,7 @@ class LayerNormToCRMSNorm(NormPass):
                 plan = plans[id(stream)]
                 edits = plan.edits + _stream_edits(stream, model, plan.touched)
             except NotLinear as exc:
-                self._fall_back_to_rmsnorm(stream, model, str(exc))
+                self._fall_back_to_rmsnorm(stream, model, str(exc), moved)
                 continue
             except NotFoldable as exc:
                 for site in stream.readers:
@@ -64,20 +67,18 @@ class LayerNormToCRMSNorm(NormPass):
             for edit in edits:
                 edit()
             width = _width(stream)
-            moved = apply_explicit(plan, model, self.target, keep=width - 1)
+            apply_explicit(plan, model, self.target, keep=width - 1, moved=moved)
             for site in stream.readers:
                 site.x = moved.get(id(site.x), site.x)
-                _replace_with_crmsnorm(site, width, model, self.target)
+                moved[id(site.y)] = _replace_with_crmsnorm(site, width, model, self.target)
                 self.applied()
             for value in plan.touched:
                 value.shape = None  # its width changed; onnxruntime re-infers it
-        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
-        for site in sites:
-            if id(site.nodes[0]) not in in_streams:
-                self.skip(site.nodes[0], why_outside(site))
+        for node, reason in outside:
+            self.skip(node, reason)
 
 
-    def _fall_back_to_rmsnorm(self, stream: Stream, model: ir.Model, reason: str) -> None:
+    def _fall_back_to_rmsnorm(self, stream: Stream, model: ir.Model, reason: str, moved: dict) -> None:
         """A stream whose norms are read non-linearly keeps width d, with RMSNorm instead of CRMSNorm."""
         plans, refusals = plan_streams([stream], model)
         if id(stream) not in plans:
@@ -85,7 +86,7 @@ class LayerNormToCRMSNorm(NormPass):
                 self.skip(site.nodes[0], f"{reason}; {refusals[id(stream)]}")
             return
         rms = LayerNormToRMSNorm(target=self.target)
-        rms.convert_stream(stream, plans[id(stream)], model)
+        rms.convert_stream(stream, plans[id(stream)], model, moved)
         self.applied_count += rms.applied_count
         self.skipped += rms.skipped
 
@@ -161,7 +162,7 @@ def _vector(value: ir.Value | None, model: ir.Model, width: int, default: float)
     return np.broadcast_to(np.asarray(array, dtype=np.float64).reshape(-1), (width,)).copy()
 
 
-def _replace_with_crmsnorm(site: NormSite, width: int, model: ir.Model, target: str) -> None:
+def _replace_with_crmsnorm(site: NormSite, width: int, model: ir.Model, target: str) -> ir.Value:
     dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
     y = Emitter(model, site.nodes[-1], target).crmsnorm(site.x, epsilon=site.epsilon, width=width, dtype=dtype,
                                                         name=site.name)
@@ -170,3 +171,4 @@ def _replace_with_crmsnorm(site: NormSite, width: int, model: ir.Model, target: 
     graph = site.nodes[0].graph
     for node in reversed(site.nodes):
         graph.remove(node, safe=True)
+    return y

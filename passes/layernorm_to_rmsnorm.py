@@ -37,20 +37,25 @@ class LayerNormToRMSNorm(NormPass):
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
         streams = find_streams(model, sites)
+        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
+        outside = [(site.nodes[0], why_outside(site)) for site in sites if id(site.nodes[0]) not in in_streams]
         plans, refusals = plan_streams(streams, model)
+        moved: dict[int, ir.Value] = {}
         for stream in streams:
             if id(stream) in plans:
-                self.convert_stream(stream, plans[id(stream)], model)
+                self.convert_stream(stream, plans[id(stream)], model, moved)
             else:
                 for site in stream.readers:
                     self.skip(site.nodes[0], refusals[id(stream)])
-        in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
-        for site in sites:
-            if id(site.nodes[0]) not in in_streams:
-                self.skip(site.nodes[0], why_outside(site))
+        for node, reason in outside:
+            self.skip(node, reason)
 
-    def convert_stream(self, stream: Stream, plan: StreamPlan, model: ir.Model) -> None:
-        """Applies a stream's plan and replaces each of its LayerNorm readers with an RMSNorm."""
+    def convert_stream(self, stream: Stream, plan: StreamPlan, model: ir.Model, moved: dict | None = None) -> None:
+        """Applies a stream's plan and replaces each of its LayerNorm readers with an RMSNorm.
+
+        `moved` maps values already replaced by earlier streams' rewrites to their replacements; this
+        stream's replaced norm outputs are added to it."""
+        moved = {} if moved is None else moved
         replaceable = []
         for site in stream.readers:
             reason = not_self_contained(site)
@@ -62,20 +67,22 @@ class LayerNormToRMSNorm(NormPass):
             return
         for edit in plan.edits:
             edit()
-        moved = apply_explicit(plan, model, self.target)
+        apply_explicit(plan, model, self.target, moved=moved)
         for site in replaceable:
             site.x = moved.get(id(site.x), site.x)
-            _replace_with_rmsnorm(site, model, self.target)
+            moved[id(site.y)] = _replace_with_rmsnorm(site, model, self.target)
             self.applied()
 
 
-def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> None:
+def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> ir.Value:
+    """Emits the RMSNorm in place of the site and returns its output."""
     dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
     emitter = Emitter(model, site.nodes[-1], target)
     y = emitter.rmsnorm(site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
-                        name=site.name)
+                        out_dtype=site.y.dtype or dtype, name=site.name)
     y.shape, y.type = site.y.shape, site.y.type
     replace_value(site.y, y)
     graph = site.nodes[0].graph
     for node in reversed(site.nodes):
         graph.remove(node, safe=True)
+    return y
