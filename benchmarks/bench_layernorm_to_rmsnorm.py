@@ -381,6 +381,14 @@ def _ratio(x: float, base: float) -> str:
     return f"{x / base:.3f}"
 
 
+def _load() -> str:
+    """The 1-minute load average: other work on the machine, which widens every ratio's noise."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "unknown"
+
+
 def render(info: dict, args, results: list[dict], total_s: float) -> str:
     L = []
     L.append("# layernorm-to-rmsnorm benchmark: Pre-LN transformers on onnxruntime CPU")
@@ -397,6 +405,7 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
     L.append(f"| onnxruntime | {info['onnxruntime']} |")
     L.append(f"| onnx / onnx-ir / numpy | {info['onnx']} / {info['onnx_ir']} / {info['numpy']} |")
     L.append(f"| normfold | {info['normfold']} |")
+    L.append(f"| load average (1 min) at start / end | {args.load_start} / {_load()} |")
     L.append("")
     L.append("## Models and conversion")
     L.append("")
@@ -591,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.WARMUP_RUNS = args.warmups  # runs of a second or more: one warm-up settles onnxruntime's arena
 
     started = time.perf_counter()
+    args.load_start = _load()
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=work))

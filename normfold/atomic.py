@@ -58,6 +58,17 @@ def _mode_for(path: Path) -> int:
 
 
 def write_json(path: str | os.PathLike, data: Any, *, what: str = "JSON report") -> Path:
-    """Writes `data` as indented JSON, atomically."""
-    text = (json.dumps(data, indent=2) + "\n").encode()
+    """Writes `data` as indented, strict JSON (an infinite or NaN number becomes null), atomically."""
+    text = (json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n").encode()
     return write_atomic(path, lambda f: f.write(text), what=what)
+
+
+def strict_json(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None, so strict JSON parsers accept it."""
+    if isinstance(data, float):
+        return data if data == data and data not in (float("inf"), float("-inf")) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data

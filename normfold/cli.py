@@ -10,11 +10,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
 from normfold import __version__
+from normfold.atomic import strict_json, write_json
 from normfold.errors import InputError, NormfoldError, VerificationError
 
 
@@ -134,7 +134,7 @@ def cmd_convert(args) -> int:
         )
     except VerificationError as exc:
         if args.report:
-            _write_json(args.report, exc.report.to_dict())
+            write_json(args.report, exc.report.to_dict())
         for line in exc.report.summary_lines() + _verification_lines(exc.report):
             print(line)
         raise
@@ -144,7 +144,7 @@ def cmd_convert(args) -> int:
     else:
         report.output = None
     if args.report:
-        _write_json(args.report, report.to_dict())
+        write_json(args.report, report.to_dict())
     for line in report.summary_lines() + _verification_lines(report):
         print(line)
     print(f"wrote {output}" if report.applied else "nothing to rewrite; no output written")
@@ -201,7 +201,7 @@ def cmd_verify(args) -> int:
     if candidate is None:  # only saving a reference
         reference_file.save(data, args.save_reference, force=args.force)
         document = _reference_document(data, reference_model, args.save_reference)
-        print(json.dumps(document, indent=2) if args.json else _reference_line(data, args.save_reference))
+        print(json.dumps(strict_json(document), indent=2) if args.json else _reference_line(data, args.save_reference))
         return 0
 
     _progress(f"checking {candidate}")
@@ -233,11 +233,10 @@ def cmd_verify(args) -> int:
         write_junit(args.junit, result, reference=reference_label, candidate=str(candidate), seconds=seconds,
                     bisect=bisected)
     if args.report:
-        from normfold.atomic import write_json
 
         write_json(args.report, document)
     if args.json:
-        print(json.dumps(document, indent=2))
+        print(json.dumps(strict_json(document), indent=2))
         return 0 if result.passed else 1
     lines = result.summary_lines()
     if not result.passed:
@@ -260,6 +259,10 @@ def _verify_operands(args) -> tuple[Path | None, Path | None]:
     models = args.models
     if len(models) > 2:
         raise InputError("verify takes at most two models: REFERENCE.onnx CANDIDATE.onnx")
+    npz = next((m for m in models if m.suffix == ".npz"), None)
+    if npz is not None:
+        raise InputError(f"{npz}: a reference file goes after --reference: normfold verify CANDIDATE.onnx "
+                         f"--reference {npz}")
     if args.reference_file:
         if args.save_reference:
             raise InputError("--reference reads a reference file and --save-reference writes one; use one of them")
@@ -411,22 +414,6 @@ def _verification_lines(report) -> list[str]:
              f"max rel error {v['max_rel_error']:.3g}"]
     lines += [f"  FAIL {o['name']}: {o['message']}" for o in v["outputs"] if not o["passed"]]
     return lines
-
-
-def _write_json(path: Path, data) -> None:
-    """Writes JSON atomically: a temporary file beside `path`, then a rename."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"{directory}: report directory does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".normfold-report-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress(message: str) -> None:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -16,7 +16,6 @@ reference run saved earlier, so a candidate is checked without the original mode
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
