@@ -3,11 +3,13 @@
 RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma (+ beta), over the last axis, statistics in float32:
 
   target "onnx", opset >= 23   RMSNormalization(x, gamma, axis=-1, epsilon, stash_type=1) [+ Add beta]
-  target "onnx", opset < 23    Mul(x, x) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [-> Mul gamma]
-                               [-> Add beta]: standard ONNX, and the spelling onnxruntime fuses
+  target "onnx", opset < 23    Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [-> Mul gamma]
+                               [-> Add beta]: standard ONNX, and the spelling onnxruntime 1.2x fuses into
+                               SimplifiedLayerNormalization (with Mul(x, x) it does not)
   target "ort"                 SimplifiedLayerNormalization(x, gamma, axis=-1, epsilon) [+ Add beta]:
-                               onnxruntime's own kernel, which it also fuses with a preceding Add into
-                               SkipSimplifiedLayerNormalization (fails onnx.checker: not standard ONNX)
+                               onnxruntime's own kernel (fails onnx.checker: not standard ONNX). Its CPU
+                               optimizer fuses neither this nor LayerNormalization with the residual Add
+                               of a Pre-LN model (the sum has a second reader, the next Add)
 
 Float16/bfloat16 inputs are cast to float32 around the statistics in the decomposed form, as
 LayerNormalization's stash_type=1 does. `centre` emits x - mean(x), the explicit recentring used
@@ -81,7 +83,8 @@ class Emitter:
             return self.node("Add", [y, beta], name=f"{name}/beta") if beta is not None else y
         low_precision = dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
         h = self.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}/to_float") if low_precision else x
-        square = self.node("Mul", [h, h], name=f"{name}/square")
+        two = self.constant(f"{name}/two", np.array(2.0, dtype=np.float32 if low_precision else dtype.numpy()))
+        square = self.node("Pow", [h, two], name=f"{name}/square")
         mean = self.reduce_mean(square, name=f"{name}/mean_square")
         eps = self.constant(f"{name}/epsilon", np.array(epsilon, dtype=np.float32 if low_precision else dtype.numpy()))
         rms = self.node("Sqrt", [self.node("Add", [mean, eps], name=f"{name}/add_eps")], name=f"{name}/rms")

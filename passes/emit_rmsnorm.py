@@ -2,7 +2,7 @@
 
 RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma is unchanged; only its spelling changes (normfold.emit):
 onnxruntime's SimplifiedLayerNormalization for target "ort", RMSNormalization at opset >= 23 for
-target "onnx", else the Div spelling that onnxruntime fuses. torch's dynamo exporter writes
+target "onnx", else the Pow/Div spelling that onnxruntime fuses. torch's dynamo exporter writes
 x * Reciprocal(Sqrt(...)) and TorchScript x * (1 / Sqrt(...)), which onnxruntime 1.2x does not fuse.
 A site already in the target's form, or whose intermediates are read elsewhere, is left as it is.
 """
@@ -24,6 +24,7 @@ class EmitRMSNorm(NormPass):
     name = "emit-rmsnorm"
     tolerance_class = "renorm"
     handles = ("RMSNorm",)
+    needs_shapes = True
     summary = "re-emit decomposed RMSNorms as the target's fast form (SimplifiedLayerNormalization, RMSNormalization)"
 
     def rewrite(self, model: ir.Model) -> None:
@@ -34,7 +35,7 @@ class EmitRMSNorm(NormPass):
                 continue
             if not fused_form and _divides(site, model):
                 continue  # already the Div spelling that onnxruntime fuses
-            reason = _escaping_intermediate(site)
+            reason = _escaping_intermediate(site) or ("" if site.x.dtype else "the dtype of its input is unknown")
             if reason:
                 self.skip(site.nodes[0], reason)
                 continue
@@ -43,9 +44,12 @@ class EmitRMSNorm(NormPass):
 
 
 def _divides(site: NormSite, model: ir.Model) -> bool:
-    """True when the site normalizes with Div(x, rms), the spelling onnxruntime fuses (not Div(1, rms))."""
-    return any(n.op_type == "Div" and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "Sqrt"
-               and constant(n.inputs[0], model).array is None for n in site.nodes)
+    """True when the site squares with Pow(x, 2) and normalizes with Div(x, rms): the spelling
+    onnxruntime fuses (not Mul(x, x), not Div(1, rms))."""
+    divides = any(n.op_type == "Div" and n.inputs[1].producer() is not None
+                  and n.inputs[1].producer().op_type == "Sqrt" and constant(n.inputs[0], model).array is None
+                  for n in site.nodes)
+    return divides and any(n.op_type == "Pow" for n in site.nodes)
 
 
 def _escaping_intermediate(site: NormSite) -> str:
@@ -58,7 +62,7 @@ def _escaping_intermediate(site: NormSite) -> str:
 
 
 def _re_emit(site: NormSite, model: ir.Model, target: str) -> None:
-    dtype = site.x.dtype or ir.DataType.FLOAT
+    dtype = site.x.dtype
     y = Emitter(model, site.nodes[-1], target).rmsnorm(
         site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
         out_dtype=site.y.dtype or dtype, name=site.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import onnx
+import onnxruntime as ort
 import pytest
 
 import normfold
@@ -18,8 +20,19 @@ def test_decomposed_rmsnorm_becomes_the_target_form(divide, target):
         return
     assert report.passes[0].applied == 1 and report.verification["passed"]
     (site,) = find_sites(model)
-    expected = "SimplifiedLayerNormalization" if target == "ort" else "decomposed: Mul ReduceMean Add Sqrt Div Mul"
+    expected = "SimplifiedLayerNormalization" if target == "ort" else "decomposed: Pow ReduceMean Add Sqrt Div Mul"
     assert site.kind == "RMSNorm" and site.spelling == expected
+
+
+def test_the_onnx_form_is_the_one_onnxruntime_fuses(tmp_path):
+    model, _ = normfold.convert(decomposed_norm("rmsnorm", divide="reciprocal"), ["emit-rmsnorm"], target="onnx")
+    path = tmp_path / "m.onnx"
+    normfold.save(model, path)
+    optimized = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert "SimplifiedLayerNormalization" in {n.op_type for n in onnx.load(optimized).graph.node}
 
 
 def test_layernorms_are_not_touched():
