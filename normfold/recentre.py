@@ -5,7 +5,8 @@ Folding rules, applied from the value back to its producers:
   x @ W   (MatMul)      W' = W - mean over W's output columns       (each row of W recentred)
   Gemm                  the output columns of op(B) likewise, and C
   Conv (width = C_out)  W'[o] = W[o] - mean_o W[o],  b' = b - mean(b)
-  Gather(E, ids)        every row of the table E recentred
+  Gather(E, ids)        every row of the table E recentred; a table another node also reads (a tied
+                        LM head) stays as it is and the gathered row means are subtracted instead
   Add / Sub / Neg, Mul by a scalar constant, Identity, Dropout, Cast: recentre each data operand
   Transpose, Reshape, Concat, Expand, Unsqueeze, Squeeze: follow the width axis to the operand
 Every intermediate on the way must have a single reader besides Shape nodes (another reader would see
@@ -106,7 +107,37 @@ class _Planner:
             raise NotFoldable(f"{value.name!r} is also read elsewhere")
         if node.domain not in ("", "ai.onnx"):
             raise NotFoldable(f"{value.name!r} is computed by {node.domain}.{node.op_type}")
+        if self._tied_gather(node, axis, value_rank):
+            return [self._row_mean_edit(node, value, use)]
         return self._through(node, value, axis, value_rank, depth)
+
+    def _tied_gather(self, node: ir.Node, axis: int, value_rank: int) -> bool:
+        """An embedding lookup whose table another node also reads (a tied LM head)."""
+        if self.drop_last or node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
+            return False
+        table = node.inputs[0]
+        return axis == value_rank - 1 and any(user is not node for user, _ in table.uses())
+
+    def _row_mean_edit(self, node: ir.Node, value: ir.Value, use) -> Edit:
+        """Keeps a tied table as it is (no second copy of it) and subtracts the gathered row means:
+        E[ids] - mean(E, axis=-1)[ids], which is exactly the lookup in the recentred table."""
+        table = constant(node.inputs[0], self.model).array
+        if table is None:
+            raise NotFoldable(f"the embedding table {node.inputs[0].name!r} is not constant")
+        means = np.asarray(table, dtype=np.float64).mean(axis=-1, keepdims=True).astype(table.dtype)
+        model = self.model
+
+        def apply() -> None:
+            uses = [use] if use is not None else list(value.uses())
+            row_means = add_initializer(node.graph, f"{node.inputs[0].name}_row_mean", means, model)
+            gathered = ir.node("Gather", [row_means, node.inputs[1]], {"axis": 0}, name=f"{node.name}_row_mean")
+            centred = ir.node("Sub", [value, gathered.outputs[0]], name=f"{node.name}_recentre")
+            centred.outputs[0].shape, centred.outputs[0].type = value.shape, value.type
+            node.graph.insert_after(node, [gathered, centred])
+            for user, index in uses:
+                user.replace_input_with(index, centred.outputs[0])
+
+        return apply
 
     def through_computed_reshape(self, value: ir.Value, use) -> list[Edit]:
         """A value of unknown rank made by Reshape(x, Concat(..., [width])) (exporters' dynamic-shape
