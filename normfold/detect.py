@@ -81,6 +81,11 @@ class NormSite:
     def name(self) -> str:
         return node_label(self.nodes[0])
 
+    def refresh_input(self) -> ir.Value:
+        """Re-reads `x` from the graph (a rewrite may have redirected the site's reads) and returns it."""
+        self.x = self.nodes[0].inputs[0]
+        return self.x
+
     @property
     def fused(self) -> bool:
         """True for a fused norm op (possibly followed by the Add of its beta), False when decomposed."""

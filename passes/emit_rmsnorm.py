@@ -62,6 +62,7 @@ def _escaping_intermediate(site: NormSite) -> str:
 
 
 def _re_emit(site: NormSite, model: ir.Model, target: str) -> None:
+    site.refresh_input()
     dtype = site.x.dtype
     y = Emitter(model, site.nodes[-1], target).rmsnorm(
         site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,

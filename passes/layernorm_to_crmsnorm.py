@@ -69,7 +69,6 @@ class LayerNormToCRMSNorm(NormPass):
             width = _width(stream)
             apply_explicit(plan, model, self.target, keep=width - 1, moved=moved)
             for site in stream.readers:
-                site.x = moved.get(id(site.x), site.x)
                 moved[id(site.y)] = _replace_with_crmsnorm(site, width, model, self.target)
                 self.applied()
             for value in plan.touched:
@@ -163,6 +162,7 @@ def _vector(value: ir.Value | None, model: ir.Model, width: int, default: float)
 
 
 def _replace_with_crmsnorm(site: NormSite, width: int, model: ir.Model, target: str) -> ir.Value:
+    site.refresh_input()
     dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
     y = Emitter(model, site.nodes[-1], target).crmsnorm(site.x, epsilon=site.epsilon, width=width, dtype=dtype,
                                                         name=site.name)

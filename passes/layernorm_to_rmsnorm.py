@@ -69,13 +69,13 @@ class LayerNormToRMSNorm(NormPass):
             edit()
         apply_explicit(plan, model, self.target, moved=moved)
         for site in replaceable:
-            site.x = moved.get(id(site.x), site.x)
             moved[id(site.y)] = _replace_with_rmsnorm(site, model, self.target)
             self.applied()
 
 
 def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> ir.Value:
     """Emits the RMSNorm in place of the site and returns its output."""
+    site.refresh_input()
     dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
     emitter = Emitter(model, site.nodes[-1], target)
     y = emitter.rmsnorm(site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,

@@ -18,8 +18,8 @@ and the tiny-width case uses +10.
 
 Negative cases: Post-LN (refused, model unchanged), a stream value that is a graph output, a stream
 value also read by a MatMul, LayerNorms on a flattened view of such a value, no final LayerNorm.
-Known bugs are strict xfails (reason "BUG: ..."): when one XPASSes, drop its marker, and its entry in
-test_layernorm_to_rmsnorm_properties.KNOWN_BUGS.
+Bugs found here were strict xfails (reason "BUG: ..."); when one XPASSes, drop its marker, and its
+entry in test_layernorm_to_rmsnorm_properties.KNOWN_BUGS.
 """
 
 from __future__ import annotations
@@ -231,29 +231,27 @@ def test_dynamic_axes_convert(knobs, target):
     assert_exact(case, proto, ids[:, :3])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: opset 13 + dynamic axes + Reshape to a computed shape (HF GPT-2's Conv1D "
-                   "as Reshape -> Gemm -> Reshape(Concat(Shape(x)[:-1], [d])), or an LN on a flattened view): onnx "
-                   "shape inference leaves the Reshape output without a shape at opset 13, recentre.plan raises "
-                   "'width unknown', every branch output needs an explicit centring, and _post_ln_chains refuses the "
-                   "whole Pre-LN model as 'Post-LN'")
-@pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(flat_ln=True), dict(proj="gemm", fused_qkv=True, tied="transpose")],
-                         ids=["gemm", "flat_ln", "gpt2_optimum_opset13"])
+@pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(proj="gemm", fused_qkv=True, tied="transpose")],
+                         ids=["gemm", "gpt2_optimum_opset13"])
 def test_opset13_dynamic_axes_with_computed_reshapes_convert(knobs):
-    """What torch.onnx (TorchScript) / optimum write for GPT-2 at opset 13 with dynamic axes."""
+    """What torch.onnx (TorchScript) / optimum write for GPT-2 at opset 13 with dynamic axes: onnx's shape
+    inference leaves Reshape(x, Concat(Shape(..), [d])) without a shape at opset 13; the width is the
+    constant last element of the target."""
     case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, **knobs)
     model, report, proto = convert(case, "ort")
     assert_all_converted(case, model, report)
     assert_exact(case, proto)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the same Pre-LN models are reported as 'Post-LN: the stream is written "
-                   "by ...unflatten_out ... computed from another such writer' (a missed width is not Post-LN)")
 @pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(flat_ln=True)], ids=["gemm", "flat_ln"])
 def test_opset13_dynamic_axes_refusal_is_not_called_post_ln(knobs):
-    """Whatever is decided for a Pre-LN model whose widths are not inferred, the report must not call it Post-LN."""
+    """Whatever is decided for a Pre-LN model whose widths are not inferred, the report must not call it
+    Post-LN. (LNs on a flattened view whose input shape is unknown are left as LayerNorms: centring them
+    explicitly would only re-spell them.)"""
     case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, **knobs)
     _, report, proto = convert(case, "ort")
     assert not [s for s in report.passes[0].skipped if "Post-LN" in s.reason]
+    assert report.passes[0].applied + len(report.passes[0].skipped) == case.config.layernorms
     assert_exact(case, proto)
 
 
@@ -416,11 +414,6 @@ def test_embedding_layernorm_gets_an_explicit_centre(spelling, target):
     assert_exact(case, proto)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: IndexError in layernorm_to_rmsnorm._centre: writer plans are made for every "
-                   "stream before any is converted; when the embedding stream (read by the embedding LN) is converted "
-                   "first (streams go largest first; here the main stream is no larger), replace_value moves every use "
-                   "of 'emb_ln_out' to the new RMSNorm output, and the main stream's explicit centring of the stale "
-                   "'emb_ln_out' finds no uses")
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("spelling", ["fused", "decomposed"])
 def test_embedding_layernorm_converted_before_the_main_stream(spelling, target):
@@ -464,11 +457,6 @@ def test_fp16_tied_head_with_a_large_mean_table_never_passes_silently(seed):
     assert_exact(case, proto, ids)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fp16 decomposed LN whose float32 gamma/beta sit inside the Cast "
-                   "wrappers (Cast -> LN in fp32 incl. affine -> Cast to fp16): emit.rmsnorm applies the fp32 "
-                   "gamma/beta after casting back to fp16 (target onnx: Mul(fp16, fp32)) or feeds them to "
-                   "SimplifiedLayerNormalization, whose fp32 output replaces an fp16 value (target ort): "
-                   "onnxruntime rejects the model")
 @pytest.mark.parametrize("target", TARGETS)
 def test_fp16_affine_inside_the_casts(target):
     case = tg.build(dtype="float16", ln_spelling="decomposed", fp16_affine="inside")
@@ -549,16 +537,9 @@ def test_stream_value_that_is_a_graph_output(knobs, target):
     assert_exact(case, proto, ids)
 
 
-REASON_NAMES_OWN_NODE = pytest.mark.xfail(
-    strict=True, reason="BUG: skip reasons for LayerNorms outside every stream are computed (residual.why_outside) "
-    "after the streams were rewritten, so when the raw reader sits behind a view (Reshape -> Gemm) the first "
-    "non-view reader is normfold's own inserted '.../recentre/mean' and the reason names it instead of the model's node")
-
-
 @pytest.mark.parametrize("knobs", [dict(depth=2, raw_reader=1), dict(depth=3, raw_reader=0, ln_spelling="reciprocal"),
-                                   pytest.param(dict(depth=2, raw_reader=1, proj="gemm"), marks=REASON_NAMES_OWN_NODE),
-                                   pytest.param(dict(depth=2, raw_reader=1, parallel="phi", proj="gemm"),
-                                                marks=REASON_NAMES_OWN_NODE)],
+                                   dict(depth=2, raw_reader=1, proj="gemm"),
+                                   dict(depth=2, raw_reader=1, parallel="phi", proj="gemm")],
                          ids=["pre_ln", "first_block_decomposed", "gemm", "phi_gemm"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_stream_value_read_by_a_matmul(knobs, target):
@@ -580,11 +561,6 @@ def test_stream_value_read_by_a_matmul(knobs, target):
     assert_exact(case, proto)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Pre-LN LayerNorms reading a flattened (batch*seq, d) view of a stream value "
-                   "whose mean is observable (graph output, raw MatMul reader) are refused with 'Post-LN: the stream "
-                   "is written by ...flatten_out ... computed from another such writer': each view is its own stream "
-                   "needing an explicit centre, and _post_ln_chains reads any dependent pair of explicit centrings as "
-                   "Post-LN; the reader's reason no longer names the graph output / MatMul")
 @pytest.mark.parametrize("knobs", [dict(stream_output=0, depth=1), dict(stream_output=0, depth=2),
                                    dict(raw_reader=0, depth=1), dict(raw_reader=1, depth=2, parallel="phi")],
                          ids=["graph_output_d1", "graph_output_d2", "matmul_reader_d1", "matmul_reader_phi"])

@@ -7,9 +7,13 @@ fused QKV, MatMul or Gemm projections, position tables, dynamic axes, Dropout, p
 flattened LNs, epsilon, float32 or float16, +0/+4/+100 on the embedding tables (fp16 with a tied
 head: +0/+4 only, see below), offset biases, the seed of every weight, and the emission target.
 
-fp16 + tied head + a +100 table is left out: the recentred fp16 weights leave the stream zero-mean only
-to about 1e-4 of its rms, RMSNorm keeps that mean, and the head's +100 mean multiplies it by about
-100 d; normfold's verification rejects such conversions (a unit test checks it never passes silently).
+float16 is where Pre-RMSNorm is numerically weaker than Pre-LN: LayerNorm removes any common-mode
+(along 1) rounding error of its input, RMSNorm keeps it. The fp16-rounded recentred weights and the
+fp16 arithmetic leave the stream zero-mean only to about 1e-4..1e-3 of its rms; a token whose stream
+has a small spread (tiny widths) amplifies that, and a tied head whose table has +100 on every entry
+multiplies it by about 100 d (that combination is left out: +0/+4 only). So in fp16 the property is
+"within the tolerance of exact, or no less accurate than the fp16 original, or rejected by normfold's
+verification": never a worse model that verification accepts.
 
 Checks per example, with REFERENCE.md's tolerances (fp32 rtol 1e-4, atol 1e-4 * max(1, rms(ref));
 fp16 1e-2 / 1e-2 * scale), never loosened:
@@ -148,30 +152,49 @@ def check_equivalent(case: tg.TransformerCase, model: ir.Model, proto: onnx.Mode
                      fully_converted: bool) -> None:
     """The converted model (onnxruntime, optimizations on) against the exact float64 result.
 
-    Fully converted: within the tolerance, whatever the low-precision original's own error. Partly
-    converted (the unconverted LayerNorms keep the original's rounding): within the tolerance plus the
-    original's worst error, i.e. no less accurate than the original. In both cases the converted model
-    must match the original under normfold.verify's rule whenever that original is within half the
-    tolerance of exact."""
-    rtol, atol = case.tolerance
+    Fully converted float32 with an untied head: within the tolerance, whatever the original's own
+    error (the converted stream is zero-mean, so it is the accurate one). Otherwise (partly converted:
+    the unconverted LayerNorms keep the original's rounding; a tied head: logits x . (e_v + c 1) whose
+    terms can be far larger than the result, so the result-relative tolerance can be below float32
+    resolution): within the tolerance plus the original's worst error, i.e. no less accurate than the
+    original. The converted model must also
+    match the original under normfold.verify's rule whenever that original is within half the
+    tolerance of exact.
+
+    float16 (see the module docstring): no less accurate than the original (as if partly converted),
+    or else rejected by normfold.verify's rule against the original on these inputs (convert with
+    verify=True would raise VerificationError); never a worse model that verification accepts."""
     exact = tg.exact_outputs(case.model, ids)
     original = tg.run(case.model, ids)
     converted = tg.run(proto, ids, optimize=True)
+    against_original = [compare(name, o, c, tolerance_class="renorm")  # normfold.verify's rule and rows
+                        for name, o, c in zip(("logits", "stream"), original, converted)]
+    problems = _accuracy_problems(case, exact, original, converted, fully_converted=fully_converted)
+    original_accurate = all(within(case, e, o, 0.5).passed for e, o in zip(exact, original))
+    if original_accurate:
+        event("verified against the low-precision original")
+        problems += [f"{c.name} vs the original: {c.message}" for c in against_original if not c.passed]
+    else:
+        event("low-precision original too coarse: exact oracle only")
+    if problems and case.config.dtype == "float16" and not all(c.passed for c in against_original):
+        event("fp16: normfold's verification rejects the conversion")
+        return
+    assert not problems, problems
+
+
+def _accuracy_problems(case, exact, original, converted, *, fully_converted: bool) -> list[str]:
+    rtol, atol = case.tolerance
+    problems = []
     for name, e, o, c in zip(("logits", "stream"), exact, original, converted):
         e64, o64, c64 = (np.asarray(a, dtype=np.float64) for a in (e, o, c))
         scale = max(1.0, float(np.sqrt(np.mean(np.square(e64)))))
-        slack = 0.0 if fully_converted else float(np.abs(o64 - e64).max())
+        strict = fully_converted and case.config.dtype != "float16" and case.config.tied == "none"
+        slack = 0.0 if strict else float(np.abs(o64 - e64).max())
         excess = np.abs(c64 - e64) - (atol * scale + rtol * np.abs(e64) + slack)
-        assert np.isfinite(c64).all() and excess.max() <= 0, (
-            f"{name} vs exact: max abs error {np.abs(c64 - e64).max():.3g}, original's {np.abs(o64 - e64).max():.3g}, "
-            f"allowed {atol * scale:.3g} + {rtol:g} |exact| + {slack:.3g}")
-    if all(within(case, e, o, 0.5).passed for e, o in zip(exact, original)):
-        event("verified against the low-precision original")
-        for name, o, c in zip(("logits", "stream"), original, converted):  # normfold.verify's rule and rows
-            check = compare(name, o, c, tolerance_class="renorm")
-            assert check.passed, f"{name} vs the original: {check.message}"
-    else:
-        event("low-precision original too coarse: exact oracle only")
+        if not np.isfinite(c64).all() or excess.max() > 0:
+            problems.append(f"{name} vs exact: max abs error {np.abs(c64 - e64).max():.3g}, original's "
+                            f"{np.abs(o64 - e64).max():.3g}, allowed {atol * scale:.3g} + {rtol:g} |exact| + {slack:.3g}")
+    return problems
 
 
 def convert(case: tg.TransformerCase, target: str):
