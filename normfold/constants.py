@@ -10,7 +10,9 @@ A value is constant when it is
   the zero bias of a bias-less Conv built by Shape/CastLike/Expand (torch's dynamo exporter; CastLike
   needs only the dtype of its second operand),
   Identity copies of deduplicated weights (TorchScript), ConstantOfShape weights (the model zoo).
-Evaluation is bounded in depth and in the number of elements, so it never blows up memory.
+Evaluation is bounded in depth, and in the number of elements an op may produce beyond what its
+inputs already hold, so it never blows up memory (a Transpose of a large tied table is fine; a
+ConstantOfShape of 2**40 elements is not).
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ def constant(value: ir.Value | None, model: ir.Model, _depth: int = 0) -> Consta
 
 def _evaluate(node: ir.Node, output_index: int, inputs: list[np.ndarray | None], model: ir.Model) -> Constant | None:
     """Runs one node on constant inputs with onnx's reference evaluator; None if it cannot or is too big."""
-    bound = _output_size_bound(node.op_type, [a for a in inputs if a is not None])
-    if bound is None or bound > MAX_ELEMENTS:
-        return None
+    present = [a for a in inputs if a is not None]
+    bound = _output_size_bound(node.op_type, present)
+    if bound is None or bound > max(MAX_ELEMENTS, sum(a.size for a in present)):
+        return None  # an op that would grow the data past the limit (never a Transpose of a big weight)
     proto = ir.serde.serialize_node(node)
     feeds = {name: array for name, array in zip(proto.input, inputs) if name and array is not None}
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))

@@ -70,6 +70,7 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
             entry.iterations += 1
             entry.applied += p.applied_count
             entry.skipped = list(p.skipped)
+            entry.notes += p.notes
             changed |= result.modified
         if not changed:
             break

@@ -3,7 +3,8 @@
 `Report.to_dict()` is the stable JSON schema of `normfold convert --report`:
 
     {"schema": "normfold.report/1", "input": str|null, "output": str|null,
-     "passes": [{"name", "applied", "iterations", "seconds", "skipped": [{"node", "reason"}]}],
+     "passes": [{"name", "applied", "iterations", "seconds", "skipped": [{"node", "reason"}],
+                 "notes": [{"node", "reason"}]}],
      "ops_before": {op: count}, "ops_after": {op: count},
      "verification": {...} | null, "timings": {stage: seconds}}
 """
@@ -36,6 +37,9 @@ class PassReport:
     iterations: int = 0
     seconds: float = 0.0
     skipped: list[Skip] = field(default_factory=list)
+    notes: list[Skip] = field(default_factory=list)
+    """Candidates rewritten differently from the pass's first choice, and why (e.g. RMSNorm instead of
+    CRMSNorm)."""
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Report:
         for p in self.passes:
             lines.append(f"{p.name}: applied {p.applied}, skipped {len(p.skipped)}")
             lines.extend(f"  skipped {s.node}: {s.reason}" for s in p.skipped)
+            lines.extend(f"  note {s.node}: {s.reason}" for s in p.notes)
         changed = {
             op: (self.ops_before.get(op, 0), self.ops_after.get(op, 0))
             for op in sorted(set(self.ops_before) | set(self.ops_after))

@@ -37,10 +37,12 @@ class NormPass(ir.passes.InPlacePass):
         """Which runtime emitted norm ops are chosen for (normfold.emit.TARGETS)."""
         self.applied_count = 0
         self.skipped: list[Skip] = []
+        self.notes: list[Skip] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.applied_count = 0
         self.skipped = []
+        self.notes = []
         self.rewrite(model)
         return ir.passes.PassResult(model, modified=self.applied_count > 0)
 
@@ -53,6 +55,10 @@ class NormPass(ir.passes.InPlacePass):
 
     def skip(self, node: ir.Node, reason: str) -> None:
         self.skipped.append(Skip(node_label(node), reason))
+
+    def note(self, node: ir.Node, reason: str) -> None:
+        """Records how a candidate was rewritten when it was not the pass's first choice."""
+        self.notes.append(Skip(node_label(node), reason))
 
 
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, model: ir.Model) -> ir.Value:

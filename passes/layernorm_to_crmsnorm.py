@@ -84,6 +84,8 @@ class LayerNormToCRMSNorm(NormPass):
             for site in stream.readers:
                 self.skip(site.nodes[0], f"{reason}; {refusals[id(stream)]}")
             return
+        for site in stream.readers:
+            self.note(site.nodes[0], f"RMSNorm instead of CRMSNorm, the stream keeps width d: {reason}")
         rms = LayerNormToRMSNorm(target=self.target)
         rms.convert_stream(stream, plans[id(stream)], model, moved)
         self.applied_count += rms.applied_count

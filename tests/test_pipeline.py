@@ -96,7 +96,7 @@ def test_report_schema_is_stable():
     data = report.to_dict()
     assert data["schema"] == "normfold.report/1"
     assert set(data) >= {"passes", "ops_before", "ops_after", "verification", "timings"}
-    assert set(data["passes"][0]) == {"name", "applied", "iterations", "seconds", "skipped"}
+    assert set(data["passes"][0]) == {"name", "applied", "iterations", "seconds", "skipped", "notes"}
     assert set(data["verification"]) >= {"passed", "max_abs_error", "max_rel_error", "outputs"}
     assert set(data["timings"]) == {"load", "passes", "verify"}
 

@@ -28,6 +28,8 @@ def test_pre_ln_models_convert_to_crmsnorm(name, exporter, opset, dtype, tmp_pat
     assert [s for s in find_sites(model) if s.kind == "LayerNorm"] == []
     assert report.verification["passed"]
     assert report.ops_after.get("ReduceSum", 0) >= 2 * (LN_COUNT[name] - (name == "bloom"))
+    notes = report.passes[0].notes  # only BLOOM's embedding norm, read by an explicit centring, keeps width d
+    assert [n.reason.startswith("RMSNorm instead of CRMSNorm") for n in notes] == [True] * (name == "bloom")
 
 
 def test_the_stream_is_stored_in_d_minus_1_dims(tmp_path):
