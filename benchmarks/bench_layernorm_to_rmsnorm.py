@@ -141,11 +141,12 @@ def convert(src: Path, dst: Path, pass_name: str, target: str) -> dict:
     from normfold.passes import PASSES
 
     start = time.perf_counter()
-    model, report = normfold.convert(src, [pass_name], target=target, verify=False,
-                                     approximate=not PASSES[pass_name].exact)
+    passes = None if pass_name is None else [pass_name]  # None: convert's default passes
+    model, report = normfold.convert(src, passes, target=target, verify=False,
+                                     approximate=pass_name is not None and not PASSES[pass_name].exact)
     convert_s = time.perf_counter() - start
     normfold.save(model, dst, force=True)
-    entry = next(p for p in report.passes if p.name == pass_name)
+    entry = next(p for p in report.passes if p.name == (pass_name or PASS))
     return {
         "seconds": convert_s,
         "applied": entry.applied,
@@ -325,7 +326,8 @@ def run_model(name: str, spec: dict, work: Path, scratch: Path, args) -> dict:
            "variants": {}, "verify": {}, "ort_ops": {}}
     variants: dict[str, Path] = {"original": original}
     conversions = {}
-    plan = [("rmsnorm, target ort", PASS, "ort"), ("rmsnorm, target onnx", PASS, "onnx")]
+    plan = [("rmsnorm, target ort", PASS, "ort"), ("rmsnorm, target onnx", PASS, "onnx"),
+            ("default passes (rmsnorm + affine folded), target ort", None, "ort")]
     if CRMS_PASS in PASSES:
         plan.append(("crmsnorm, target ort", CRMS_PASS, "ort"))
     else:
@@ -333,7 +335,7 @@ def run_model(name: str, spec: dict, work: Path, scratch: Path, args) -> dict:
         out["notes"].append(note)
         log(note)
     for label, pass_name, target in plan:
-        dst = scratch / f"{name}_{label.split(',')[0]}_{target}.onnx"
+        dst = scratch / f"{name}_{label.split(',')[0].split(' ')[0]}_{target}.onnx"
         log(f"{name}: converting ({pass_name}, target {target}, no verification) ...")
         try:
             conversions[label] = convert(original, dst, pass_name, target)
