@@ -18,6 +18,8 @@ where a writer cannot be folded.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx_ir as ir
 
@@ -34,11 +36,7 @@ def resolve_target(target: str) -> str:
         raise ValueError(f"unknown target {target!r}")
     if target != "auto":
         return target
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "onnx"
-    return "ort"
+    return "ort" if importlib.util.find_spec("onnxruntime") is not None else "onnx"
 
 
 class Emitter:
