@@ -61,13 +61,20 @@ def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = Non
 
 
 def shape_edit(node: ir.Node, axis: int, width: int, model: ir.Model) -> Edit:
-    """An edit making the Reshape/Expand shape constant of `node` say width - 1 at output `axis`.
+    """An edit making the Reshape/Expand shape constant of `node` say width - 1 at output `axis`
+    (negative: counted from the end, for outputs of unknown rank).
 
     An entry of -1 (inferred) or, for Reshape, 0 (copied from the input) needs no change."""
     target = constant(node.inputs[1], model).array
     if target is None:
+        if axis < 0 and node.op_type == "Reshape" and _last_target_entry(node, model) == width:
+            return _computed_shape_edit(node, width, model)
         raise NotFoldable(f"the shape of {node.op_type} {node.outputs[0].name!r} is computed, not constant")
-    position = axis - (len(node.outputs[0].shape) - target.size) if node.outputs[0].shape is not None else axis
+    if axis < 0:
+        position = target.size + axis
+    else:
+        out_shape = node.outputs[0].shape
+        position = axis - (len(out_shape) - target.size) if out_shape is not None else axis
     if not 0 <= position < target.size:
         raise NotFoldable(f"{node.op_type} {node.outputs[0].name!r} broadcasts the width axis")
     entry = int(target.reshape(-1)[position])
@@ -271,8 +278,6 @@ def _last_target_entry(node: ir.Node, model: ir.Model) -> int | None:
 def _computed_shape_edit(node: ir.Node, width: int, model: ir.Model) -> Edit:
     """Makes the constant tail of a Concat-built Reshape target say width - 1."""
     concat = node.inputs[1].producer()
-    if concat is None:
-        return shape_edit(node, len(node.outputs[0].shape) - 1, width, model)
     tail = constant(concat.inputs[-1], model).array.reshape(-1).copy()
     tail[-1] = width - 1
 

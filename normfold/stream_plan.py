@@ -34,17 +34,35 @@ class StreamPlan:
     touched: list[ir.Value] = field(default_factory=list)
 
 
+class PostLN(NotFoldable):
+    """The stream is written by a LayerNorm output that other layers read too: a Post-LN model."""
+
+    def __init__(self, message: str, value: ir.Value) -> None:
+        super().__init__(message)
+        self.value = value
+
+
 def plan_streams(streams: list[Stream], model: ir.Model, *, drop_last: bool = False):
     """({id(stream): StreamPlan}, {id(stream): reason}) for every stream: planned, or refused and why."""
-    plans, refusals = {}, {}
+    plans, refusals, post_ln = {}, {}, []
+    norm_outputs = {id(site.y) for stream in streams for site in stream.readers}
     for stream in streams:
         try:
-            plans[id(stream)] = _plan_writers(stream, model, drop_last)
+            plans[id(stream)] = _plan_writers(stream, model, drop_last, norm_outputs)
+        except PostLN as exc:
+            refusals[id(stream)] = str(exc)
+            post_ln.append(exc.value)
         except NotFoldable as exc:
             refusals[id(stream)] = str(exc)
-    for stream, reason in _chains(streams, plans).items():
+    for stream, reason in _chains(streams, plans, post_ln).items():
         del plans[id(stream)]
         refusals[id(stream)] = reason
+    for stream in streams:  # a refusal for another reason, in a Post-LN model, says so too
+        reason = refusals.get(id(stream), "Post-LN")
+        outputs = {id(site.y) for site in stream.readers}
+        if not reason.startswith("Post-LN") and any(
+                id(v) in outputs or _depends_on_any(v, outputs) is not None for v in post_ln):
+            refusals[id(stream)] = f"Post-LN: {reason}; its output feeds the residual sums of a Post-LN model"
     return plans, refusals
 
 
@@ -74,7 +92,7 @@ def stream_width(stream: Stream) -> int | None:
     return None
 
 
-def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool) -> StreamPlan:
+def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool, norm_outputs: set[int]) -> StreamPlan:
     """Edits recentring every writer by folding, plus the writers that need an explicit centring op."""
     plan = StreamPlan(touched=list(stream.values) if drop_last else [])
     width = stream_width(stream)
@@ -83,8 +101,14 @@ def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool) -> StreamPla
         try:
             if use is not None and constant(value, model).array is None:
                 reader = next(n for n, _ in value.uses() if n is not use[0])
+                if id(_through_copies(value)) in norm_outputs:
+                    raise PostLN(f"Post-LN: the residual sum is written by {value.name!r}, the output of a LayerNorm "
+                                 f"that {node_label(reader)} also reads; an exact conversion would need a centring "
+                                 "op in every layer", value)
                 raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
             plan.edits += recentre.plan(value, model, use, drop_last=drop_last, touched=plan.touched, width=width)
+        except PostLN:
+            raise
         except NotFoldable as exc:
             plan.explicit.append((value, use, str(exc)))
     if plan.explicit and not any(_is_residual_sum(v, stream) for v in stream.values):
@@ -100,8 +124,15 @@ def _is_residual_sum(value: ir.Value, stream: Stream) -> bool:
         v is not None and v in stream for v in producer.inputs)
 
 
-def _chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
-    """Streams whose explicitly centred writers depend on one another: a centring op in every layer."""
+def _through_copies(value: ir.Value) -> ir.Value:
+    while value.producer() is not None and value.producer().op_type in ("Identity", "Cast", "Dropout"):
+        value = value.producer().inputs[0]
+    return value
+
+
+def _chains(streams: list[Stream], plans: dict, post_ln: list[ir.Value]) -> dict[Stream, str]:
+    """Streams whose explicitly centred writers depend on one another (a centring op in every layer),
+    and streams whose norms feed such a chain or a Post-LN residual sum."""
     explicit = {id(value): (stream, why) for stream in streams if id(stream) in plans
                 for value, _, why in plans[id(stream)].explicit}
     norm_outputs = {id(site.y) for stream in streams for site in stream.readers}
@@ -114,8 +145,8 @@ def _chains(streams: list[Stream], plans: dict) -> dict[Stream, str]:
             reason = _chain_reason(value, why, upstream, norm_outputs)
             refused[id(stream)] = (stream, reason)
             refused.setdefault(id(explicit[id(upstream)][0]), (explicit[id(upstream)][0], reason))
-    chain = [value for stream, _ in refused.values() for value, _, _ in plans[id(stream)].explicit]
-    reason = next((r for _, r in refused.values()), "")
+    chain = [value for stream, _ in refused.values() for value, _, _ in plans[id(stream)].explicit] + post_ln
+    reason = next((r for _, r in refused.values()), "Post-LN: the residual sums are written by LayerNorm outputs")
     for stream in streams:
         if id(stream) in plans and id(stream) not in refused:
             outputs = {id(s.y) for s in stream.readers}
@@ -130,10 +161,7 @@ def _chain_reason(value: ir.Value, why: str, upstream: ir.Value, norm_outputs: s
     text = (f"the stream is written by {value.name!r}, which cannot be recentred by folding ({why}) and is "
             f"computed from another such writer ({upstream.name!r}): an exact conversion would need a centring "
             "op in every layer")
-    source = value
-    while source.producer() is not None and source.producer().op_type in ("Identity", "Cast", "Dropout"):
-        source = source.producer().inputs[0]
-    return f"Post-LN: {text}" if id(source) in norm_outputs else text
+    return f"Post-LN: {text}" if id(_through_copies(value)) in norm_outputs else text
 
 
 def _depends_on_any(value: ir.Value, targets: set[int]) -> ir.Value | None:

@@ -99,7 +99,7 @@ def _stream_edits(stream: Stream, model: ir.Model, touched: list[ir.Value]) -> l
     for value in stream.values:
         producer = value.producer()
         if producer is not None and producer.op_type in ("Reshape", "Expand"):
-            edits.append(shape_edit(producer, len(value.shape) - 1, width, model))
+            edits.append(shape_edit(producer, -1, width, model))
     for site in stream.readers:
         reason = not_self_contained(site)
         if reason:
@@ -125,7 +125,7 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) ->
         for view in views:
             touched.append(view.outputs[0])
             if view.op_type in ("Reshape", "Expand"):
-                edits.append(shape_edit(view, len(view.outputs[0].shape) - 1, width, model))
+                edits.append(shape_edit(view, -1, width, model))
         weight = constant(node.inputs[1], model).array
         if weight is None:
             raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant")
