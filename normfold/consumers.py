@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from normfold.constants import constant
 from normfold.report import node_label
-from normfold.rewrite import add_initializer, cast_finite, insert_after_value, set_input
+from normfold.rewrite import add_initializer, cast_finite, insert_after_value, set_input, unique_node_name
 from normfold.residual import keeps_width
 
 MAX_VIEW_DEPTH = 8
@@ -110,7 +110,8 @@ def _matmul_edit(node: ir.Node, new_weight, delta, model):
             return
         out = node.outputs[0]
         shift = add_initializer(node.graph, f"{out.name}_norm_beta", delta, model)
-        insert_after_value(out, ir.node("Add", [out, shift], name=f"{node.name or 'matmul'}_norm_beta"))
+        name = unique_node_name(node.graph, f"{node.name or 'matmul'}_norm_beta")
+        insert_after_value(out, ir.node("Add", [out, shift], name=name))
 
     return apply
 

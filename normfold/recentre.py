@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from normfold import foldmath
 from normfold.constants import constant
-from normfold.rewrite import add_initializer
+from normfold.rewrite import add_initializer, unique_node_name
 from normfold.shapes import rank
 
 Edit = Callable[[], None]
@@ -137,8 +137,10 @@ class _Planner:
         def apply() -> None:
             uses = [use] if use is not None else list(value.uses())
             row_means = add_initializer(node.graph, f"{node.inputs[0].name}_row_mean", means, model)
-            gathered = ir.node("Gather", [row_means, node.inputs[1]], {"axis": 0}, name=f"{node.name}_row_mean")
-            centred = ir.node("Sub", [value, gathered.outputs[0]], name=f"{node.name}_recentre")
+            gathered = ir.node("Gather", [row_means, node.inputs[1]], {"axis": 0},
+                               name=unique_node_name(node.graph, f"{node.name}_row_mean"))
+            centred = ir.node("Sub", [value, gathered.outputs[0]],
+                              name=unique_node_name(node.graph, f"{node.name}_recentre"))
             centred.outputs[0].shape, centred.outputs[0].type = value.shape, value.type
             node.graph.insert_after(node, [gathered, centred])
             for user, index in uses:
@@ -276,15 +278,18 @@ def _last_target_entry(node: ir.Node, model: ir.Model) -> int | None:
 
 
 def _computed_shape_edit(node: ir.Node, width: int, model: ir.Model) -> Edit:
-    """Makes the constant tail of a Concat-built Reshape target say width - 1."""
+    """Gives the Reshape its own copy of the Concat that builds its target, with the constant tail
+    saying width - 1 (the Concat may be shared with Reshapes that keep width d)."""
     concat = node.inputs[1].producer()
     tail = constant(concat.inputs[-1], model).array.reshape(-1).copy()
     tail[-1] = width - 1
 
     def apply() -> None:
-        old = concat.inputs[-1]
-        concat.replace_input_with(len(concat.inputs) - 1,
-                                  add_initializer(concat.graph, f"{old.name}_crms", tail, model))
+        new_tail = add_initializer(concat.graph, f"{concat.inputs[-1].name}_crms", tail, model)
+        copy = ir.node("Concat", [*concat.inputs[:-1], new_tail], {"axis": concat.attributes.get_int("axis", 0)},
+                       name=unique_node_name(node.graph, f"{concat.name or 'concat'}_crms"))
+        node.graph.insert_before(node, copy)
+        node.replace_input_with(1, copy.outputs[0])
 
     return apply
 

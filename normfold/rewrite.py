@@ -94,6 +94,15 @@ def cast_finite(array: np.ndarray, dtype) -> np.ndarray | None:
     return cast if np.all(np.isfinite(cast)) else None
 
 
+def unique_node_name(graph: ir.Graph, base_name: str) -> str:
+    """`base_name`, or `base_name_1`, ... whichever no node of the graph is called yet (onnxruntime
+    rejects duplicate node names)."""
+    taken = {node.name for node in graph}
+    if base_name not in taken:
+        return base_name
+    return next(f"{base_name}_{i}" for i in itertools.count(1) if f"{base_name}_{i}" not in taken)
+
+
 def unique_name(graph: ir.Graph, base_name: str) -> str:
     """`base_name`, or `base_name_1`, `base_name_2`, ... whichever no value of the graph uses yet."""
     taken = _value_names(graph)

@@ -45,7 +45,7 @@ class PostLN(NotFoldable):
 def plan_streams(streams: list[Stream], model: ir.Model, *, drop_last: bool = False):
     """({id(stream): StreamPlan}, {id(stream): reason}) for every stream: planned, or refused and why."""
     plans, refusals, post_ln = {}, {}, []
-    norm_outputs = {id(site.y) for stream in streams for site in stream.readers}
+    norm_outputs = {id(site.y): site for stream in streams for site in stream.readers}
     for stream in streams:
         try:
             plans[id(stream)] = _plan_writers(stream, model, drop_last, norm_outputs)
@@ -92,7 +92,7 @@ def stream_width(stream: Stream) -> int | None:
     return None
 
 
-def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool, norm_outputs: set[int]) -> StreamPlan:
+def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool, norm_outputs: dict[int, NormSite]) -> StreamPlan:
     """Edits recentring every writer by folding, plus the writers that need an explicit centring op."""
     plan = StreamPlan(touched=list(stream.values) if drop_last else [])
     width = stream_width(stream)
@@ -101,10 +101,11 @@ def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool, norm_outputs
         try:
             if use is not None and constant(value, model).array is None:
                 reader = next(n for n, _ in value.uses() if n is not use[0])
-                if id(_through_copies(value)) in norm_outputs:
+                site = norm_outputs.get(id(_through_copies(value)))
+                if site is not None and _normalizes_a_residual_sum(site):
                     raise PostLN(f"Post-LN: the residual sum is written by {value.name!r}, the output of a LayerNorm "
-                                 f"that {node_label(reader)} also reads; an exact conversion would need a centring "
-                                 "op in every layer", value)
+                                 f"of an earlier sum, which {node_label(reader)} also reads; an exact conversion "
+                                 "would need a centring op in every layer", value)
                 raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
             plan.edits += recentre.plan(value, model, use, drop_last=drop_last, touched=plan.touched, width=width)
         except PostLN:
@@ -124,8 +125,18 @@ def _is_residual_sum(value: ir.Value, stream: Stream) -> bool:
         v is not None and v in stream for v in producer.inputs)
 
 
+def _normalizes_a_residual_sum(site: NormSite) -> bool:
+    """True when the LayerNorm reads a residual connection x + f(x) (one operand computed from the other,
+    unlike a sum of embeddings): in a Post-LN model its output then writes the next such sum."""
+    producer = _through_copies(site.x).producer()
+    if producer is None or producer.op_type != "Add" or any(v is None for v in producer.inputs):
+        return False
+    a, b = producer.inputs[:2]
+    return _depends_on_any(b, {id(a)}) is not None or _depends_on_any(a, {id(b)}) is not None
+
+
 def _through_copies(value: ir.Value) -> ir.Value:
-    while value.producer() is not None and value.producer().op_type in ("Identity", "Cast", "Dropout"):
+    while value.producer() is not None and value.producer().op_type in ("Identity", "Cast", "Dropout", "Reshape"):
         value = value.producer().inputs[0]
     return value
 

@@ -30,7 +30,7 @@ import onnx_ir as ir
 from normfold import foldmath
 from normfold.constants import constant
 from normfold.shapes import rank
-from normfold.rewrite import NormPass, add_initializer, bypass, cast_finite, only_consumer, set_input
+from normfold.rewrite import NormPass, add_initializer, bypass, cast_finite, only_consumer, set_input, unique_node_name
 
 
 class Refused(Exception):
@@ -184,7 +184,8 @@ def _fold_after_matmul(bn: BatchNorm, producer: ir.Node, model: ir.Model) -> Non
     set_input(matmul, 1, new_weight, model, "weight", "folded")
     if add is None:
         shift = add_initializer(bn.node.graph, f"{bn.node.outputs[0].name}_shift", new_bias, model)
-        add_node = ir.node("Add", [matmul.outputs[0], shift], name=f"{bn.node.name or 'bn'}_folded_shift")
+        add_node = ir.node("Add", [matmul.outputs[0], shift],
+                           name=unique_node_name(bn.node.graph, f"{bn.node.name or 'bn'}_folded_shift"))
         bn.node.graph.insert_after(matmul, add_node)
         bypass(bn.node, add_node.outputs[0])
     else:

@@ -104,7 +104,8 @@ def initializer(model: ir.Model, node_name: str, index: int) -> np.ndarray:
 
 
 def token_table(model: ir.Model) -> np.ndarray:
-    node = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[1] is not None and n.inputs[1].name == "ids")
+    node = next(n for n in model.graph
+                if n.op_type == "Gather" and n.inputs[1] is not None and n.inputs[1].name == "ids")
     return node.inputs[0].const_value.numpy()
 
 
@@ -243,6 +244,20 @@ def test_opset13_dynamic_axes_with_computed_reshapes_convert(knobs):
     assert_exact(case, proto)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: silent skip: a decomposed LayerNorm reducing over a positive axis "
+                   "(axes=[2]) whose input has no inferred rank (opset 13, dynamic axes, Gemm projections: "
+                   "Reshape to Concat(Shape(ids), [d])) is not recognised by detect._trailing, so it is neither "
+                   "converted nor reported; the first LN (known rank) is then refused ('reaches a reader that is "
+                   "not invariant'). With axes=[-1] the same model converts fully")
+@pytest.mark.parametrize("target", TARGETS)
+def test_positive_reduce_axes_on_inferred_rank_convert(target):
+    case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, proj="gemm", positive_axes=True)
+    model, report, proto = convert(case, target)
+    assert report.passes[0].applied + len(report.passes[0].skipped) == case.config.layernorms  # none unreported
+    assert_all_converted(case, model, report)
+    assert_exact(case, proto)
+
+
 @pytest.mark.parametrize("knobs", [dict(proj="gemm"), dict(flat_ln=True)], ids=["gemm", "flat_ln"])
 def test_opset13_dynamic_axes_refusal_is_not_called_post_ln(knobs):
     """Whatever is decided for a Pre-LN model whose widths are not inferred, the report must not call it
@@ -335,7 +350,8 @@ def test_writers_are_recentred(knobs):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("tied", ["transpose", "gemm", "copy"])
 def test_tied_embeddings_head_keeps_the_original_table(tied, target):
-    """Only the token Gather reads a recentred table; the head reads the original values.
+    """The head reads the original table values; the token lookup is recentred (a recentred copy, or,
+    for a table the head shares, the lookup minus its gathered row means).
 
     With +100 on the table the float32 original is too ill-conditioned to serve as the reference
     (module docstring), so equivalence is checked against the exact logits; without the offset,
@@ -503,6 +519,22 @@ def test_post_ln_is_refused_and_unchanged(knobs, target):
     assert all("Post-LN" in s.reason for s in entry.skipped), entry.skipped
 
 
+@pytest.mark.parametrize("knobs", [dict(depth=1, bias=False), dict(depth=2, bias=False),
+                                   dict(depth=1, bias=False, embedding_ln=True),
+                                   dict(depth=2, bias=False, embedding_ln=True, ln_spelling="decomposed"),
+                                   dict(depth=2, proj="gemm"), dict(depth=2, proj="gemm", embedding_ln=True),
+                                   dict(depth=1, flat_ln=True), dict(depth=2, flat_ln=True, embedding_ln=True)],
+                         ids=["nobias_d1", "nobias_d2", "nobias_d1_embedding_ln", "nobias_d2_embedding_ln_decomposed",
+                              "gemm", "gemm_embedding_ln", "flat_d1", "flat_d2_embedding_ln"])
+def test_post_ln_refusal_is_labelled_post_ln(knobs):
+    case = tg.build(post_ln=True, **knobs)
+    model, report, proto = convert(case, "ort")
+    entry = report.passes[0]
+    assert entry.applied == 0
+    assert signature(proto) == signature(case.model)
+    assert all("Post-LN" in s.reason for s in entry.skipped), entry.skipped
+
+
 @pytest.mark.parametrize("knobs", POST_LN.values(), ids=POST_LN.keys())
 def test_post_ln_result_is_exact(knobs):
     case = tg.build(embedding_offset=OFFSET, **knobs)
@@ -512,7 +544,8 @@ def test_post_ln_result_is_exact(knobs):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("knobs", [dict(depth=2, stream_output=0), dict(depth=3, stream_output=1, ln_spelling="decomposed"),
+@pytest.mark.parametrize("knobs", [dict(depth=2, stream_output=0),
+                                   dict(depth=3, stream_output=1, ln_spelling="decomposed"),
                                    dict(depth=2, stream_output=0, parallel="phi")],
                          ids=["pre_ln", "pre_ln_decomposed", "phi"])
 def test_stream_value_that_is_a_graph_output(knobs, target):

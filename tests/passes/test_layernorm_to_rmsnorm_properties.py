@@ -11,7 +11,9 @@ A tied head whose table has +100 on every entry makes the logits x . (e_v + 100 
 their terms are ~100 d times larger than the result, so float32 rounding of either model (the
 original's LayerNorm, the converted model's lookup minus gathered row means) exceeds the
 result-relative tolerance; test_layernorm_to_rmsnorm covers tied + 100 against exact logits with
-sizes where the tolerance is meaningful. float16 is where Pre-RMSNorm is numerically weaker than Pre-LN: LayerNorm removes any common-mode
+sizes where the tolerance is meaningful.
+
+float16 is where Pre-RMSNorm is numerically weaker than Pre-LN: LayerNorm removes any common-mode
 (along 1) rounding error of its input, RMSNorm keeps it. The fp16-rounded recentred weights and the
 fp16 arithmetic leave the stream zero-mean only to about 1e-4..1e-3 of its rms; a token whose stream
 has a small spread (tiny widths) amplifies that, and a tied head whose table has +100 on every entry
@@ -36,10 +38,11 @@ fp16 1e-2 / 1e-2 * scale), never loosened:
   models (BERT style, with or without an embedding LayerNorm) are refused, unchanged, "Post-LN" in
   every reason.
 
-The bugs these properties found were filed as strict xfails in test_layernorm_to_rmsnorm.py and are
-fixed (NeoX LN pairs, BLOOM centring, Post-LN refusal, opset-13 computed Reshapes, stale writer plans,
-fp32 affine inside fp16 Casts, reasons naming inserted nodes, Pre-LN refusals called Post-LN); a new
-one should get the same treatment, and the property should step around it only while it is open.
+The bugs these properties found are filed as strict xfails in test_layernorm_to_rmsnorm.py. Fixed:
+NeoX LN pairs, BLOOM centring, Post-LN refusal, opset-13 computed Reshapes, stale writer plans, fp32
+affine inside fp16 Casts, reasons naming inserted nodes, Pre-LN refusals called Post-LN. Open ones
+are listed in KNOWN_BUGS: the properties only check exactness for configs that hit them; remove the
+entry when the bug is fixed.
 
 Example counts: 200 fp32 + 60 fp16 + 60 negative examples in CI (about 45 s on 2 cores). Long mode:
 NORMFOLD_LONG=1 runs 10000 examples per property
@@ -73,6 +76,24 @@ FP32_EXAMPLES = 10_000 if LONG else 200
 FP16_EXAMPLES = 10_000 if LONG else 60
 NEGATIVE_EXAMPLES = 10_000 if LONG else 60
 COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+KNOWN_BUGS = {
+    "positive_axes_unknown_rank": "decomposed LNs over axes=[2] on values of no inferred rank are not detected "
+                                  "(test_positive_reduce_axes_on_inferred_rank_convert)",
+}
+"""Open normfold bugs the properties step around (each has a strict xfail in test_layernorm_to_rmsnorm.py);
+remove an entry once its bug is fixed and the property covers the case fully again."""
+
+
+def known_bug(c: tg.Config) -> str | None:
+    """The KNOWN_BUGS entry this config runs into, if any."""
+    if c.post_ln and (not c.bias or c.flat_ln or c.proj == "gemm") and "post_ln_label" in KNOWN_BUGS:
+        return "post_ln_label"
+    if c.positive_axes and c.ln_spelling != "fused" and c.dynamic and c.resolved_opset == 13 and \
+            (c.proj == "gemm" or c.flat_ln) and "positive_axes_unknown_rank" in KNOWN_BUGS:
+        return "positive_axes_unknown_rank"
+    return None
+
 
 def unconverted_by_design(c: tg.Config) -> bool:
     """Pre-LN configs where some LayerNorms stay, with an honest reason: LNs reading a flattened view whose
@@ -173,7 +194,8 @@ def _accuracy_problems(case, exact, original, converted, *, fully_converted: boo
         excess = np.abs(c64 - e64) - (atol * scale + rtol * np.abs(e64) + slack)
         if not np.isfinite(c64).all() or excess.max() > 0:
             problems.append(f"{name} vs exact: max abs error {np.abs(c64 - e64).max():.3g}, original's "
-                            f"{np.abs(o64 - e64).max():.3g}, allowed {atol * scale:.3g} + {rtol:g} |exact| + {slack:.3g}")
+                            f"{np.abs(o64 - e64).max():.3g}, allowed {atol * scale:.3g} + {rtol:g} |exact| "
+                            f"+ {slack:.3g}")
     return problems
 
 
@@ -208,8 +230,10 @@ def check_pre_ln(case: tg.TransformerCase, target: str, data) -> None:
     model, report, proto = convert(case, target)
     entry = report.passes[0]
     left = layernorms_left(model)
-    partial = unconverted_by_design(case.config)
-    if partial:
+    partial = unconverted_by_design(case.config) or known_bug(case.config) is not None
+    if known_bug(case.config):
+        event(f"known bug {known_bug(case.config)}: exactness only")
+    elif partial:
         event("flattened LNs on unknown shapes: may stay LayerNorms")
         assert {s.node.split("/")[0] for s in entry.skipped} == left
         assert entry.applied == case.config.layernorms - len(left)
@@ -248,6 +272,9 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
     ids = draw_ids(case, data)
     check_equivalent(case, model, proto, ids, fully_converted=False)
     check_idempotent(proto, target)
+    if known_bug(c):
+        event(f"known bug {known_bug(c)}: exactness only")
+        return
     assert {s.node.split("/")[0] for s in entry.skipped} == left
     assert entry.applied == c.layernorms - len(left)
     if c.post_ln:

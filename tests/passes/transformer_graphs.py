@@ -138,7 +138,8 @@ class Config:
 
     def label(self) -> str:
         default = Config()
-        parts = [f"{k}={getattr(self, k)}" for k in self.__dataclass_fields__ if getattr(self, k) != getattr(default, k)]
+        parts = [f"{k}={getattr(self, k)}" for k in self.__dataclass_fields__
+                 if getattr(self, k) != getattr(default, k)]
         return ",".join(parts) or "default"
 
 
@@ -401,8 +402,8 @@ class _Builder:
             else:
                 pos = self.init("wpe", pos_table[None])
                 if c.dynamic:
-                    pos = self.node("Slice", [pos, self.const([0], np.int64), self.seq_len(), self.const([1], np.int64)],
-                                    "wpe_slice")
+                    starts, axes = self.const([0], np.int64), self.const([1], np.int64)
+                    pos = self.node("Slice", [pos, starts, self.seq_len(), axes], "wpe_slice")
             h = self.node("Add", [h, pos], "embed_add")
         h = self.dropout(h, "embed")
         if c.embedding_ln:
