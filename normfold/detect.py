@@ -81,6 +81,15 @@ class NormSite:
     def name(self) -> str:
         return node_label(self.nodes[0])
 
+    def escaping_intermediate(self) -> str:
+        """Why the site cannot be replaced as a whole (an intermediate read outside it), or ""."""
+        inside = {id(n) for n in self.nodes}
+        for node in self.nodes:
+            for out in node.outputs:
+                if out is not self.y and (out.is_graph_output() or any(id(u) not in inside for u, _ in out.uses())):
+                    return f"its intermediate value {out.name!r} is used outside the {self.kind}"
+        return ""
+
     def refresh_input(self) -> ir.Value:
         """Re-reads `x` from the graph (a rewrite may have redirected the site's reads) and returns it."""
         self.x = self.nodes[0].inputs[0]

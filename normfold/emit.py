@@ -23,7 +23,8 @@ import importlib.util
 import numpy as np
 import onnx_ir as ir
 
-from normfold.rewrite import add_initializer
+from normfold.detect import NormSite
+from normfold.rewrite import add_initializer, replace_value
 from normfold.validate import default_opset
 
 TARGETS = ("auto", "onnx", "ort")
@@ -147,3 +148,18 @@ class Emitter:
             name = f"{base}_{i}"
         self._taken.add(name)
         return name
+
+
+def replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> ir.Value:
+    """Emits an RMSNorm with the site's epsilon and affine in place of the site's nodes; returns its output."""
+    site.refresh_input()
+    dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
+    y = Emitter(model, site.nodes[-1], target).rmsnorm(
+        site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
+        out_dtype=site.y.dtype or dtype, name=site.name)
+    y.shape, y.type = site.y.shape, site.y.type
+    replace_value(site.y, y)
+    graph = site.nodes[0].graph
+    for node in reversed(site.nodes):
+        graph.remove(node, safe=True)
+    return y

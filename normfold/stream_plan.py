@@ -205,16 +205,3 @@ def _centre(value: ir.Value, use, model: ir.Model, target: str, keep: int | None
     for node, index in uses:
         node.replace_input_with(index, centred)
     return centred
-
-
-
-def not_self_contained(site: NormSite) -> str:
-    """Why a LayerNorm site cannot be replaced as a whole (an intermediate read elsewhere), or ""."""
-    inside = {id(n) for n in site.nodes}
-    for node in site.nodes:
-        for out in node.outputs:
-            if out is site.y:
-                continue
-            if out.is_graph_output() or any(id(user) not in inside for user, _ in out.uses()):
-                return f"its intermediate value {out.name!r} is used outside the LayerNorm"
-    return ""

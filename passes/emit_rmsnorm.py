@@ -13,8 +13,8 @@ import onnx_ir as ir
 
 from normfold.constants import constant
 from normfold.detect import NormSite, find_sites
-from normfold.emit import RMS_OPSET, Emitter, resolve_target
-from normfold.rewrite import NormPass, replace_value
+from normfold.emit import RMS_OPSET, replace_with_rmsnorm, resolve_target
+from normfold.rewrite import NormPass
 from normfold.validate import default_opset
 
 
@@ -35,11 +35,11 @@ class EmitRMSNorm(NormPass):
                 continue
             if not fused_form and _divides(site, model):
                 continue  # already the Div spelling that onnxruntime fuses
-            reason = _escaping_intermediate(site) or ("" if site.x.dtype else "the dtype of its input is unknown")
+            reason = site.escaping_intermediate() or ("" if site.x.dtype else "the dtype of its input is unknown")
             if reason:
                 self.skip(site.nodes[0], reason)
                 continue
-            _re_emit(site, model, target)
+            replace_with_rmsnorm(site, model, target)
             self.applied()
 
 
@@ -50,25 +50,3 @@ def _divides(site: NormSite, model: ir.Model) -> bool:
                   and n.inputs[1].producer().op_type == "Sqrt" and constant(n.inputs[0], model).array is None
                   for n in site.nodes)
     return divides and any(n.op_type == "Pow" for n in site.nodes)
-
-
-def _escaping_intermediate(site: NormSite) -> str:
-    inside = {id(n) for n in site.nodes}
-    for node in site.nodes:
-        for out in node.outputs:
-            if out is not site.y and (out.is_graph_output() or any(id(u) not in inside for u, _ in out.uses())):
-                return f"its intermediate value {out.name!r} is used outside the RMSNorm"
-    return ""
-
-
-def _re_emit(site: NormSite, model: ir.Model, target: str) -> None:
-    site.refresh_input()
-    dtype = site.x.dtype
-    y = Emitter(model, site.nodes[-1], target).rmsnorm(
-        site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
-        out_dtype=site.y.dtype or dtype, name=site.name)
-    y.shape, y.type = site.y.shape, site.y.type
-    replace_value(site.y, y)
-    graph = site.nodes[0].graph
-    for node in reversed(site.nodes):
-        graph.remove(node, safe=True)

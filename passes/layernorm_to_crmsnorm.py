@@ -31,7 +31,7 @@ from normfold.report import node_label
 from normfold.residual import Stream, find_streams, keeps_width, why_outside
 from normfold.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 from normfold.rewrite import NormPass, replace_value
-from normfold.stream_plan import apply_explicit, not_self_contained, plan_streams
+from normfold.stream_plan import apply_explicit, plan_streams
 
 
 class LayerNormToCRMSNorm(NormPass):
@@ -101,7 +101,7 @@ def _stream_edits(stream: Stream, model: ir.Model, touched: list[ir.Value]) -> l
         if producer is not None and producer.op_type in ("Reshape", "Expand"):
             edits.append(shape_edit(producer, -1, width, model))
     for site in stream.readers:
-        reason = not_self_contained(site)
+        reason = site.escaping_intermediate()
         if reason:
             raise NotFoldable(f"{site.name}: {reason}")
         edits += _reader_edits(site, width, model, touched)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from normfold.detect import NormSite, find_sites
-from normfold.emit import Emitter
+from normfold.detect import find_sites
+from normfold.emit import replace_with_rmsnorm
 from normfold.residual import Stream, find_streams, why_outside
-from normfold.rewrite import NormPass, replace_value
-from normfold.stream_plan import StreamPlan, apply_explicit, not_self_contained, plan_streams
+from normfold.rewrite import NormPass
+from normfold.stream_plan import StreamPlan, apply_explicit, plan_streams
 
 
 class LayerNormToRMSNorm(NormPass):
@@ -58,7 +58,7 @@ class LayerNormToRMSNorm(NormPass):
         moved = {} if moved is None else moved
         replaceable = []
         for site in stream.readers:
-            reason = not_self_contained(site)
+            reason = site.escaping_intermediate()
             if reason:
                 self.skip(site.nodes[0], reason)
             else:
@@ -69,20 +69,5 @@ class LayerNormToRMSNorm(NormPass):
             edit()
         apply_explicit(plan, model, self.target, moved=moved)
         for site in replaceable:
-            moved[id(site.y)] = _replace_with_rmsnorm(site, model, self.target)
+            moved[id(site.y)] = replace_with_rmsnorm(site, model, self.target)
             self.applied()
-
-
-def _replace_with_rmsnorm(site: NormSite, model: ir.Model, target: str) -> ir.Value:
-    """Emits the RMSNorm in place of the site and returns its output."""
-    site.refresh_input()
-    dtype = site.x.dtype or (site.gamma.dtype if site.gamma is not None else ir.DataType.FLOAT)
-    emitter = Emitter(model, site.nodes[-1], target)
-    y = emitter.rmsnorm(site.x, epsilon=site.epsilon, gamma=site.gamma, beta=site.beta, dtype=dtype,
-                        out_dtype=site.y.dtype or dtype, name=site.name)
-    y.shape, y.type = site.y.shape, site.y.type
-    replace_value(site.y, y)
-    graph = site.nodes[0].graph
-    for node in reversed(site.nodes):
-        graph.remove(node, safe=True)
-    return y
