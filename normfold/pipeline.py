@@ -25,7 +25,7 @@ from normfold.constants import LEGACY_INPUT_INITIALIZERS_IR
 from normfold.emit import TARGETS
 from normfold.errors import InputError, VerificationError
 from normfold.passes import PASSES
-from normfold.report import PassReport, Report, op_counts
+from normfold.report import PassReport, Report, op_counts, tensor_sha256
 from normfold.rewrite import NormPass
 from normfold.verification import TOLERANCE_ORDER, verify as verify_models
 
@@ -60,6 +60,7 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
     """Runs `passes` to a bounded fixed point, then removes what they orphaned; returns the report."""
     report = Report(passes=[PassReport(p.name) for p in passes], ops_before=op_counts(model))
     unused_before = _unused(model)
+    tensors_before = {id(v): v.const_value for g in model.graphs() for v in g.initializers.values()}
     unannotated = _infer_shapes(model) if any(p.needs_shapes for p in passes) else []
     for _ in range(MAX_ITERATIONS):
         changed = False
@@ -78,6 +79,11 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
     for value in unannotated:
         value.shape, value.type = None, None
     report.ops_after = op_counts(model)
+    if report.applied:
+        report.untouched_initializers = {
+            v.name: tensor_sha256(v.const_value) for g in model.graphs() for v in g.initializers.values()
+            if v.const_value is not None and tensors_before.get(id(v)) is v.const_value
+        }
     return report
 
 

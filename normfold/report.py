@@ -6,12 +6,14 @@
      "passes": [{"name", "applied", "iterations", "seconds", "skipped": [{"node", "reason"}],
                  "notes": [{"node", "reason"}]}],
      "ops_before": {op: count}, "ops_after": {op: count},
-     "verification": {...} | null, "timings": {stage: seconds}}
+     "verification": {...} | null, "timings": {stage: seconds},
+     "untouched_initializers": {name: sha256 hex of the bytes}}
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +53,8 @@ class Report:
     ops_after: dict[str, int] = field(default_factory=dict)
     verification: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    untouched_initializers: dict[str, str] = field(default_factory=dict)
+    """Initializers the passes left as they were (name -> sha256 of their bytes), when any pass applied."""
     input: str | None = None
     output: str | None = None
 
@@ -95,3 +99,8 @@ def op_counts(model: ir.Model) -> dict[str, int]:
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         counts[op] += 1
     return dict(sorted(counts.items()))
+
+
+def tensor_sha256(tensor: ir.TensorProtocol) -> str:
+    """sha256 of a tensor's raw bytes (read from disk for external data)."""
+    return hashlib.sha256(tensor.tobytes()).hexdigest()

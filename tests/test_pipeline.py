@@ -120,3 +120,20 @@ def test_a_pass_runs_on_its_own_as_an_onnx_ir_pass():
     assert result.modified and result.model is model
     assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
     assert not FoldBatchNorm()(model).modified
+
+
+def test_report_lists_untouched_initializers_with_their_sha256(tmp_path):
+    import hashlib
+
+    proto = conv_bn()
+    proto.graph.initializer.append(numpy_helper.from_array(np.full(8, 0.5, np.float32), "offset"))
+    relu = proto.graph.node[2]
+    relu.output[0] = "r"
+    proto.graph.node.append(helper.make_node("Add", ["r", "offset"], ["y"], name="add_offset"))
+    model, report = normfold.convert(proto)
+    assert list(report.untouched_initializers) == ["offset"]
+    out = tmp_path / "out.onnx"
+    normfold.save(model, out)
+    saved = {i.name: numpy_helper.to_array(i).tobytes() for i in onnx.load(out).graph.initializer}
+    assert report.untouched_initializers["offset"] == hashlib.sha256(saved["offset"]).hexdigest()
+    assert report.to_dict()["untouched_initializers"] == report.untouched_initializers
