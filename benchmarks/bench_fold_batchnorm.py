@@ -337,6 +337,22 @@ def machine_info() -> dict:
     }
 
 
+def machine_table(info: dict) -> list[str]:
+    """The markdown rows describing the machine and library versions (shared by every benchmark)."""
+    return [
+        "| machine | |",
+        "|---|---|",
+        f"| date | {info['date']} |",
+        f"| CPU | {info['cpu']} |",
+        f"| cpu count (os.cpu_count / usable) | {info['cpu_count']} / {info['usable_cpus']} |",
+        f"| platform | {info['platform']} |",
+        f"| python | {info['python']} |",
+        f"| onnxruntime | {info['onnxruntime']} |",
+        f"| onnx / onnx-ir / numpy | {info['onnx']} / {info['onnx_ir']} / {info['numpy']} |",
+        f"| normfold | {info['normfold']} |",
+    ]
+
+
 def render(info: dict, args, model: dict, conv: dict, verify: dict, lat: dict, cost: dict, leftover: dict) -> str:
     mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
     L = []
@@ -344,16 +360,7 @@ def render(info: dict, args, model: dict, conv: dict, verify: dict, lat: dict, c
     L.append("")
     L.append(f"Command: `{args.command_line}`")
     L.append("")
-    L.append("| machine | |")
-    L.append("|---|---|")
-    L.append(f"| date | {info['date']} |")
-    L.append(f"| CPU | {info['cpu']} |")
-    L.append(f"| cpu count (os.cpu_count / usable) | {info['cpu_count']} / {info['usable_cpus']} |")
-    L.append(f"| platform | {info['platform']} |")
-    L.append(f"| python | {info['python']} |")
-    L.append(f"| onnxruntime | {info['onnxruntime']} |")
-    L.append(f"| onnx / onnx-ir / numpy | {info['onnx']} / {info['onnx_ir']} / {info['numpy']} |")
-    L.append(f"| normfold | {info['normfold']} |")
+    L += machine_table(info)
     L.append("")
     before = conv["ops_before"]
     after = conv["ops_after"]

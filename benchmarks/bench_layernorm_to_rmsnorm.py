@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fold_batchnorm import log, machine_info, run_child  # noqa: E402  (shared benchmark helpers)
+from bench_fold_batchnorm import log, machine_info, machine_table, run_child  # noqa: E402  (shared benchmark helpers)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "layernorm_to_rmsnorm.md"
@@ -397,16 +397,7 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
     L.append("")
     L.append(f"Command: `{args.command_line}`")
     L.append("")
-    L.append("| machine | |")
-    L.append("|---|---|")
-    L.append(f"| date | {info['date']} |")
-    L.append(f"| CPU | {info['cpu']} |")
-    L.append(f"| cpu count (os.cpu_count / usable) | {info['cpu_count']} / {info['usable_cpus']} |")
-    L.append(f"| platform | {info['platform']} |")
-    L.append(f"| python | {info['python']} |")
-    L.append(f"| onnxruntime | {info['onnxruntime']} |")
-    L.append(f"| onnx / onnx-ir / numpy | {info['onnx']} / {info['onnx_ir']} / {info['numpy']} |")
-    L.append(f"| normfold | {info['normfold']} |")
+    L += machine_table(info)
     L.append(f"| load average (1 min) at start / end | {args.load_start} / {_load()} |")
     L.append("")
     L.append("## Models and conversion")
