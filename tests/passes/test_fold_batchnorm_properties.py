@@ -20,7 +20,6 @@ A failure prints the falsifying example and a reproduction blob (@reproduce_fail
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,16 +30,16 @@ from hypothesis import strategies as st
 
 import bn_graphs as bg
 import normfold
+from long_mode import examples
 from bn_graphs import GraphBuilder
 from normfold.io import from_proto
 
 pytest.importorskip("onnxruntime")
 
-LONG = os.environ.get("NORMFOLD_LONG") == "1"
 COMMON = dict(deadline=None, derandomize=False, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FP32_EXAMPLES = 10_000 if LONG else 300
-FP16_EXAMPLES = 10_000 if LONG else 100
+FP32_EXAMPLES = examples(300)
+FP16_EXAMPLES = examples(100)
 
 
 @dataclass

@@ -52,7 +52,6 @@ A failure prints the falsifying Config (copy it into tg.build) and a @reproduce_
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import onnx
@@ -62,6 +61,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import normfold
+from long_mode import examples
 import transformer_graphs as tg
 from normfold.detect import find_sites
 from normfold.io import from_proto
@@ -71,10 +71,9 @@ from normfold.verification import compare
 
 pytest.importorskip("onnxruntime")
 
-LONG = os.environ.get("NORMFOLD_LONG") == "1"
-FP32_EXAMPLES = 10_000 if LONG else 200
-FP16_EXAMPLES = 10_000 if LONG else 60
-NEGATIVE_EXAMPLES = 10_000 if LONG else 60
+FP32_EXAMPLES = examples(200)
+FP16_EXAMPLES = examples(60)
+NEGATIVE_EXAMPLES = examples(60)
 COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 KNOWN_BUGS = {

@@ -50,7 +50,6 @@ tg.build / build_stack) and a @reproduce_failure blob (print_blob) with the seed
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import onnx
@@ -61,6 +60,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import normfold
+from long_mode import examples
 import transformer_graphs as tg
 from normfold.io import from_proto
 from normfold.verification import TOLERANCES, compare
@@ -68,10 +68,9 @@ from test_fold_batchnorm_properties import build_stack, stacks
 
 ort = pytest.importorskip("onnxruntime")
 
-LONG = os.environ.get("NORMFOLD_LONG") == "1"
-PASS_EXAMPLES = 10_000 if LONG else 200
-DEFAULT_TRANSFORMER_EXAMPLES = 10_000 if LONG else 120
-DEFAULT_CNN_EXAMPLES = 10_000 if LONG else 80
+PASS_EXAMPLES = examples(200)
+DEFAULT_TRANSFORMER_EXAMPLES = examples(120)
+DEFAULT_CNN_EXAMPLES = examples(80)
 COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 SCALES = (1e-3, 1.0, 1e3)
