@@ -1,0 +1,81 @@
+"""Captures a torch module as a torch.fx.GraphModule.
+
+torch.fx.symbolic_trace first (its graph calls the module's own submodules: call_module nodes);
+when it fails (data-dependent control flow, unsupported Python), torch.export.export(...).module()
+(call_function aten ops reading parameters through get_attr nodes, shapes specialised to the
+example inputs). A GraphModule is used as given. The module passed in is captured as it is:
+callers copy it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from normfold.errors import InputError
+
+METHODS = ("auto", "symbolic_trace", "export")
+
+
+@dataclass
+class Captured:
+    """A captured graph, how it was captured, and why symbolic tracing was not used (if it was not)."""
+
+    gm: torch.fx.GraphModule
+    method: str
+    reason: str | None = None
+
+
+def capture(module: torch.nn.Module, example_inputs: tuple, how: str = "auto") -> Captured:
+    """The module's graph: by symbolic tracing, else by torch.export (`how` may force one of them)."""
+    if how not in METHODS:
+        raise InputError(f"unknown capture method {how!r}; choose one of: {', '.join(METHODS)}")
+    if isinstance(module, torch.fx.GraphModule) and how == "auto":
+        return Captured(module, "given")
+    name = type(module).__name__
+    trace_error = None
+    if how in ("auto", "symbolic_trace"):
+        try:
+            with _quiet():
+                return Captured(torch.fx.symbolic_trace(module), "symbolic_trace")
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means "try torch.export"
+            trace_error = f"symbolic_trace failed: {one_line(exc)}"
+            if how == "symbolic_trace":
+                raise InputError(f"cannot capture {name}: {trace_error}") from None
+    try:
+        with _quiet():
+            gm = torch.export.export(module, tuple(example_inputs)).module()
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        reasons = [r for r in (trace_error, f"torch.export failed: {one_line(exc)}") if r]
+        raise InputError(f"cannot capture {name}: {'; '.join(reasons)}") from None
+    return Captured(gm, "torch.export", trace_error)
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit` characters."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Silence torch's warnings, log records below ERROR and prints while capturing or exporting."""
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.fx", "torch._export", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
