@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from normfold import io, runtime
+from normfold import io, provider_tolerances, runtime
 from normfold.errors import InputError
 from normfold.reference import ReferenceData
 from normfold.reference import load as load_reference
@@ -72,6 +72,12 @@ class VerificationResult:
     seed: int
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     tolerance_class: str = "fold"
+    requested_provider: str | None = None
+    """The provider asked for; it differs from `provider` after `auto` or a fallback."""
+    provider_options: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
+    """The candidate provider's arithmetic (normfold.provider_tolerances): it widens the default tolerances."""
+    fallback: str | None = None
 
     @property
     def max_abs_error(self) -> float:
@@ -90,7 +96,7 @@ class VerificationResult:
     def summary_lines(self, max_passing: int = 10) -> list[str]:
         """A short summary: a headline, every failing output, and the passing ones unless there are many."""
         failing = [o for o in self.outputs if not o.passed]
-        head = f"verification {'passed' if self.passed else 'FAILED'} on {self.provider} (seed {self.seed})"
+        head = f"verification {'passed' if self.passed else 'FAILED'} on {self._provider_label()} (seed {self.seed})"
         if failing:
             head += f": {len(failing)} of {len(self.outputs)} outputs out of tolerance"
         lines = [head]
@@ -104,6 +110,12 @@ class VerificationResult:
             lines.append(f"  ok   {len(passing)} outputs within tolerance (largest max_abs {worst.max_abs_error:.3g}, "
                          f"in {worst.name})")
         return lines
+
+    def _provider_label(self) -> str:
+        label = self.provider
+        if self.requested_provider and self.requested_provider != self.provider:
+            label += f" (requested {self.requested_provider})"
+        return label + (f", {self.precision} tolerances" if self.precision != "fp32" else "")
 
 
 def _output_line(o: OutputCheck) -> str:
@@ -122,22 +134,27 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     tolerance_class: str | None = None,
-    provider: str = "cpu",
+    provider: str | runtime.ProviderChoice = "cpu",
     seed: int = 0,
     tolerances: Mapping[str, tuple[float, float]] | None = None,
+    provider_options: Mapping[str, object] | None = None,
+    allow_fallback: bool = False,
 ) -> VerificationResult:
     """Runs both models on the same inputs and compares every output (see module docstring).
 
     `reference` is a model (onnx-ir or an .onnx path) or a reference file (an .npz path or a
     ReferenceData), which brings its own inputs, seed and tolerances. `tolerances` maps output names
     to (atol, rtol), overriding `atol`/`rtol` and the dtype defaults for those outputs.
-    `tolerance_class` is "fold" (default) or "renorm".
+    `tolerance_class` is "fold" (default) or "renorm". `provider` runs the candidate (the reference
+    always runs on CPU, unoptimized) with `provider_options`; an unavailable provider is an error unless
+    `allow_fallback` (normfold.runtime), and a GPU provider widens the default tolerances to fit its
+    arithmetic (normfold.provider_tolerances).
     """
     if not isinstance(candidate, ir.Model):
         io.load(candidate)  # validates it, external-data paths included, before onnxruntime reads it
     data = reference_data(reference, inputs=inputs, shapes=shapes, seed=seed)
     return _check(data, candidate, atol=atol, rtol=rtol, tolerance_class=tolerance_class, provider=provider,
-                  tolerances=tolerances)
+                  tolerances=tolerances, provider_options=provider_options, allow_fallback=allow_fallback)
 
 
 def check_candidate(
@@ -147,14 +164,16 @@ def check_candidate(
     atol: float | None = None,
     rtol: float | None = None,
     tolerance_class: str | None = None,
-    provider: str = "cpu",
+    provider: str | runtime.ProviderChoice = "cpu",
     tolerances: Mapping[str, tuple[float, float]] | None = None,
+    provider_options: Mapping[str, object] | None = None,
+    allow_fallback: bool = False,
 ) -> VerificationResult:
     """Runs `candidate` on a reference's inputs and compares its outputs with the reference's."""
     if not isinstance(candidate, ir.Model):
         io.load(candidate)
     return _check(reference, candidate, atol=atol, rtol=rtol, tolerance_class=tolerance_class, provider=provider,
-                  tolerances=tolerances)
+                  tolerances=tolerances, provider_options=provider_options, allow_fallback=allow_fallback)
 
 
 def reference_data(
@@ -243,29 +262,39 @@ def _tolerance(value: Any, label: str) -> float:
     return number
 
 
-def _check(data: ReferenceData, candidate, *, atol, rtol, tolerance_class, provider, tolerances) -> VerificationResult:
+def _check(data: ReferenceData, candidate, *, atol, rtol, tolerance_class, provider, tolerances,
+           provider_options=None, allow_fallback=False) -> VerificationResult:
     tclass, atol, rtol, per_output = resolve_tolerances(
         data, atol=atol, rtol=rtol, tolerance_class=tolerance_class, tolerances=tolerances)
+    choice = provider_tolerances.for_verification(
+        runtime.select_provider(provider, provider_options, allow_fallback=allow_fallback))
     with runtime.model_file(candidate) as cand_path:
-        cand_session = runtime.make_session(cand_path, provider=provider, optimize=True)
+        cand_session, choice = runtime.open_session(cand_path, provider=choice, optimize=True,
+                                                    allow_fallback=allow_fallback)
         check_interface(data, cand_session)
         cand_outputs = _run(cand_session, data.inputs, "candidate")
+    precision = provider_tolerances.precision(choice)
     checks = []
     for (name, ref), cand in zip(data.outputs.items(), cand_outputs):
         a, r = per_output.get(name, (atol, rtol))
-        checks.append(compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tclass))
+        checks.append(compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tclass, precision=precision))
     return VerificationResult(
         passed=all(c.passed for c in checks),
         outputs=checks,
-        provider=provider,
+        provider=choice.used,
         seed=data.seed,
         input_shapes={k: list(np.shape(v)) for k, v in data.inputs.items()},
         tolerance_class=tclass,
+        requested_provider=choice.requested,
+        provider_options=dict(choice.options),
+        precision=precision,
+        fallback=choice.fallback,
     )
 
 
-def compare(name, reference, candidate, *, atol=None, rtol=None, tolerance_class="fold") -> OutputCheck:
-    """Compares one output pair with the tolerance rule of the module docstring."""
+def compare(name, reference, candidate, *, atol=None, rtol=None, tolerance_class="fold", precision="fp32") -> OutputCheck:
+    """Compares one output pair with the tolerance rule of the module docstring; `precision` (the
+    candidate provider's arithmetic, normfold.provider_tolerances) widens the default tolerances."""
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     dtype = _dtype_name(reference.dtype)
     base = dict(name=name, dtype=dtype, shape=list(reference.shape))
@@ -282,7 +311,8 @@ def compare(name, reference, candidate, *, atol=None, rtol=None, tolerance_class
         return OutputCheck(**base, passed=bool(equal), max_abs_error=max_abs, max_rel_error=0.0 if equal else float("inf"),
                            mean_abs_error=float(diff.mean()) if diff is not None and diff.size else 0.0,
                            cosine=1.0 if equal else 0.0, rtol=0.0, atol=0.0)
-    default_rtol, default_atol = TOLERANCES[tolerance_class].get(tolerance_dtype, TOLERANCES[tolerance_class]["float32"])
+    row = TOLERANCES[tolerance_class].get(tolerance_dtype, TOLERANCES[tolerance_class]["float32"])
+    default_rtol, default_atol = row if atol is not None and rtol is not None else provider_tolerances.widen(row, precision)
     ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
     finite = np.isfinite(ref64)
     scale = max(1.0, float(np.sqrt(np.mean(np.square(ref64[finite]))))) if finite.any() else 1.0
