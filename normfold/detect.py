@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from normfold.constants import constant
 from normfold.report import node_label
+from normfold.shapes import rank
 
 SCHEMA = "normfold.inspect/1"
 
@@ -189,7 +190,7 @@ def _decomposed_site(node: ir.Node, model: ir.Model, covered: set[int]) -> Site 
     square = node.inputs[0].producer() if node.inputs[0] is not None else None
     d = _squared_operand(square, model)
     axes = _reduce_axes(node, model)
-    if d is None or not _trailing(axes, d) or node.attributes.get_int("keepdims", 1) != 1:
+    if d is None or not _trailing(axes, rank(d, model)) or node.attributes.get_int("keepdims", 1) != 1:
         return None
     normalized, eps, tail = _normalize_tail(node, d, model)
     if normalized is None:
@@ -312,11 +313,10 @@ def _reduce_axes(node: ir.Node, model: ir.Model) -> list[int] | None:
     return None  # reduces over all axes: not a per-token norm
 
 
-def _trailing(axes: list[int] | None, value: ir.Value) -> bool:
-    """True when `axes` are the last len(axes) axes of `value` (negative axes need no known rank)."""
+def _trailing(axes: list[int] | None, rank: int | None) -> bool:
+    """True when `axes` are the last len(axes) axes of a value of rank `rank` (negative axes need no known rank)."""
     if not axes:
         return False
-    rank = len(value.shape) if value.shape is not None else None
     if rank is not None:
         normalized = sorted(a + rank if a < 0 else a for a in axes)
         return normalized == list(range(rank - len(axes), rank))

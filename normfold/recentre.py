@@ -52,7 +52,7 @@ def plan(value: ir.Value, model: ir.Model, use: tuple[ir.Node, int] | None = Non
         raise NotFoldable(f"the width (last dim) of {value.name!r} is unknown")
     planner = _Planner(model, width, drop_last)
     if value_rank is None:
-        edits = planner.through_computed_reshape(value, use)
+        edits = planner.through_computed_reshape(value)
     else:
         edits = planner.plan(value, value_rank - 1, value_rank, use, top=True, depth=0)
     if touched is not None:
@@ -148,14 +148,14 @@ class _Planner:
 
         return apply
 
-    def through_computed_reshape(self, value: ir.Value, use) -> list[Edit]:
-        """A value of unknown rank made by Reshape(x, Concat(..., [width])) (exporters' dynamic-shape
+    def through_computed_reshape(self, value: ir.Value, depth: int = 0) -> list[Edit]:
+        """A value without static shape made by Reshape(x, Concat(..., [width])) (exporters' dynamic-shape
         spelling of x.view(*x.shape[:-1], d)): its last axis is x's last axis."""
         node = value.producer()
         if node is None or node.op_type != "Reshape" or not self._keeps_last(node):
             raise NotFoldable(f"the rank of {value.name!r} is unknown")
         self.touched.append(value)
-        edits = self._operand(node, 0, rank(node.inputs[0], self.model) - 1, 0)
+        edits = self._operand(node, 0, rank(node.inputs[0], self.model) - 1, depth)
         if self.drop_last:
             edits.append(_computed_shape_edit(node, self.width, self.model))
         return edits
@@ -208,6 +208,8 @@ class _Planner:
             if node.attributes.get_int("axis", 0) % value_rank == axis:
                 raise NotFoldable(f"{value.name!r} concatenates along the width axis")
             return [e for i in range(len(node.inputs)) for e in self._operand(node, i, axis, depth)]
+        if op == "Reshape" and axis == value_rank - 1 and not _static(node) and self._keeps_last(node):
+            return self.through_computed_reshape(value, depth)
         if op in ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten"):
             edits = self._operand(node, 0, _axis_before(node, axis, value_rank), depth)
             if self.drop_last and op in ("Reshape", "Expand"):
@@ -294,6 +296,12 @@ def _computed_shape_edit(node: ir.Node, width: int, model: ir.Model) -> Edit:
     return apply
 
 
+def _static(node: ir.Node) -> bool:
+    """True when the node's first input and output have fully static shapes."""
+    src, out = node.inputs[0].shape, node.outputs[0].shape
+    return src is not None and out is not None and all(isinstance(d, int) for d in list(src) + list(out))
+
+
 def _axis_before(node: ir.Node, axis: int, value_rank: int) -> int:
     """The input axis that becomes output `axis` (same size, same number of elements before it)."""
     src, out = node.inputs[0].shape, node.outputs[0].shape
@@ -302,7 +310,7 @@ def _axis_before(node: ir.Node, axis: int, value_rank: int) -> int:
         if shifted < 0 or src[shifted] == 1:
             raise NotFoldable(f"{node.outputs[0].name!r} broadcasts along the width axis")
         return shifted
-    if src is None or out is None or not all(isinstance(d, int) for d in list(src) + list(out)):
+    if not _static(node):
         raise NotFoldable(f"the shapes around {node.op_type} {node.outputs[0].name!r} are not static")
     before = int(np.prod(list(out)[:axis], dtype=np.int64))
     for candidate in range(len(src)):

@@ -27,6 +27,7 @@ import onnx_ir as ir
 from normfold.constants import constant
 from normfold.detect import NormSite
 from normfold.report import node_label
+from normfold.shapes import rank as value_rank
 
 VIEW_OPS = {"Identity", "Dropout", "Cast", "Reshape", "Slice", "Gather", "Concat", "Squeeze", "Unsqueeze",
             "Expand", "Transpose"}
@@ -46,18 +47,18 @@ class Stream:
         return any(v is value for v in self.values)
 
 
-def layernorm_readers(sites: list[NormSite]) -> dict[int, list[NormSite]]:
+def layernorm_readers(sites: list[NormSite], model: ir.Model) -> dict[int, list[NormSite]]:
     """LayerNorm sites over the last axis only, grouped by id of the value they normalize."""
     readers: dict[int, list[NormSite]] = {}
     for site in sites:
-        if site.kind == "LayerNorm" and site.x is not None and site.axis in (-1, _last_axis(site.x)):
+        if site.kind == "LayerNorm" and site.x is not None and site.axis in (-1, _last_axis(site.x, model)):
             readers.setdefault(id(site.x), []).append(site)
     return readers
 
 
 def find_streams(model: ir.Model, sites: list[NormSite]) -> list[Stream]:
     """Every stream of the main graph (see module docstring), largest first."""
-    readers = layernorm_readers(sites)
+    readers = layernorm_readers(sites, model)
     site_nodes = {id(n): site for group in readers.values() for site in group for n in site.nodes}
     members = {id(v): v for v in _all_values(model.graph) if _reader_types_allowed(v, readers, site_nodes)}
     changed = True
@@ -118,7 +119,7 @@ def keeps_width(node: ir.Node, index: int, model: ir.Model) -> bool:
 
 
 def _acts_off_last_axis(node: ir.Node, model: ir.Model) -> bool:
-    rank = _rank(node.inputs[0])
+    rank = value_rank(node.inputs[0], model)
     if node.op_type == "Slice":
         axes = constant(node.inputs[3], model).array if len(node.inputs) > 3 and node.inputs[3] is not None else None
         if axes is None or rank is None:
@@ -184,12 +185,8 @@ def _width(value: ir.Value | None):
     return last if isinstance(last, int) else None
 
 
-def _rank(value: ir.Value | None) -> int | None:
-    return None if value is None or value.shape is None else len(value.shape)
-
-
-def _last_axis(value: ir.Value | None) -> int | None:
-    rank = _rank(value)
+def _last_axis(value: ir.Value, model: ir.Model) -> int | None:
+    rank = value_rank(value, model)
     return None if rank is None else rank - 1
 
 

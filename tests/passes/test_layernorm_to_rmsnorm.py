@@ -244,13 +244,11 @@ def test_opset13_dynamic_axes_with_computed_reshapes_convert(knobs):
     assert_exact(case, proto)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: silent skip: a decomposed LayerNorm reducing over a positive axis "
-                   "(axes=[2]) whose input has no inferred rank (opset 13, dynamic axes, Gemm projections: "
-                   "Reshape to Concat(Shape(ids), [d])) is not recognised by detect._trailing, so it is neither "
-                   "converted nor reported; the first LN (known rank) is then refused ('reaches a reader that is "
-                   "not invariant'). With axes=[-1] the same model converts fully")
 @pytest.mark.parametrize("target", TARGETS)
 def test_positive_reduce_axes_on_inferred_rank_convert(target):
+    """A decomposed LayerNorm over axes=[2] whose input has no inferred shape (opset 13, dynamic axes,
+    Gemm projections: Reshape to Concat(Shape(ids), [d])): the rank comes from the Concat's length
+    (normfold.shapes), and the projection's Reshape is recentred through its computed target."""
     case = tg.build(dynamic=True, ln_spelling="decomposed", opset=13, proj="gemm", positive_axes=True)
     model, report, proto = convert(case, target)
     assert report.passes[0].applied + len(report.passes[0].skipped) == case.config.layernorms  # none unreported
