@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="overwrite an existing output")
     convert.add_argument("--report", type=Path, help="write the JSON report here")
     convert.add_argument("--approximate", action="store_true", help="allow approximate passes")
+    convert.add_argument("--calibration", type=Path, metavar="FILE.npz",
+                         help="calibration inputs (arrays keyed by input name, leading sample dim) for approximate "
+                              "passes (remove-layernorm); the report gives the drift on them")
     _add_verify_options(convert)
 
     inspect = sub.add_parser("inspect", help="list normalization sites and what each pass would do")
@@ -126,11 +129,18 @@ def cmd_convert(args) -> int:
     if output.exists() and not args.force:
         raise InputError(f"{output}: already exists (use --force to overwrite)")
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    calibration = None
+    if args.calibration:
+        from normfold.calibration import load_calibration
+
+        if not args.approximate:
+            raise InputError("--calibration is for approximate passes: add --approximate")
+        calibration = load_calibration(args.calibration)
     _progress(f"converting {args.model}")
     try:
         model, report = pipeline.convert(
             args.model, passes, verify=not args.no_verify, approximate=args.approximate, target=args.target,
-            **_verify_kwargs(args),
+            calibration=calibration, **_verify_kwargs(args),
         )
     except VerificationError as exc:
         if args.report:
@@ -410,6 +420,10 @@ def _verification_lines(report) -> list[str]:
     v = report.verification
     if v is None:
         return ["verification: not run" + ("" if report.applied else " (nothing changed)")]
+    if v.get("approximate"):
+        from normfold.drift import summary_lines
+
+        return summary_lines(v["drift"])
     lines = [f"verification {'passed' if v['passed'] else 'FAILED'}: max abs error {v['max_abs_error']:.3g}, "
              f"max rel error {v['max_rel_error']:.3g}"]
     lines += [f"  FAIL {o['name']}: {o['message']}" for o in v["outputs"] if not o["passed"]]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -108,12 +109,16 @@ def convert(
     verify: bool = True,
     approximate: bool = False,
     target: str = "auto",
+    calibration: Mapping[str, np.ndarray] | None = None,
     **verify_options,
 ) -> tuple[ir.Model, Report]:
     """Rewrites `model` (in place if an ir.Model; a path is loaded, a ModelProto wrapped) and returns it
     with its report.
 
-    `target` picks the form of emitted norm ops (normfold.emit). `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
+    `target` picks the form of emitted norm ops (normfold.emit). `calibration` (input name -> array with a
+    leading sample dim) feeds the passes that need it (remove-layernorm); when an approximate pass applied,
+    the report's verification is the drift on it (normfold.drift) instead of an equivalence check.
+    `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
     Raises VerificationError, with `.report`, when the result is not equivalent.
     """
     timings: dict[str, float] = {}
@@ -125,13 +130,18 @@ def convert(
         model = io.from_proto(model)
     timings["load"] = time.perf_counter() - start
     selected = resolve_passes(passes, approximate=approximate, target=target)
+    _give_calibration(selected, calibration)
     reference = source if source is not None else (snapshot(model) if verify else None)
 
     start = time.perf_counter()
     report = run_passes(model, selected)
     timings["passes"] = time.perf_counter() - start
     report.input = str(source) if source is not None else None
-    if verify and report.applied:
+    if verify and report.applied and any(not p.exact for p, e in zip(selected, report.passes) if e.applied):
+        start = time.perf_counter()
+        report.verification = _drift(reference, model, selected, calibration, verify_options.get("provider", "cpu"))
+        timings["drift"] = time.perf_counter() - start
+    elif verify and report.applied:
         start = time.perf_counter()
         result = verify_models(reference, model, tolerance_class=_tolerance_class(selected, report), **verify_options)
         timings["verify"] = time.perf_counter() - start
@@ -149,6 +159,25 @@ def convert(
         applied = ", ".join(f"{p.name} x{p.applied}" for p in report.passes if p.applied)
         io.add_provenance(model, applied)
     return model, report
+
+
+def _give_calibration(passes: Sequence[NormPass], calibration: Mapping[str, np.ndarray] | None) -> None:
+    """Hands the calibration data to the passes that need it; InputError if one has none."""
+    for p in passes:
+        if getattr(p, "needs_calibration", False) and p.calibration is None:
+            if calibration is None:
+                raise InputError(f"pass {p.name!r} needs calibration data: give --calibration FILE.npz")
+            p.calibration = calibration
+
+
+def _drift(reference, model: ir.Model, passes: Sequence[NormPass], calibration, provider: str) -> dict:
+    """The verification entry of an approximate conversion: the drift on the calibration data."""
+    from normfold.drift import approximate_verification
+
+    data = calibration if calibration is not None else next(p.calibration for p in passes if not p.exact)
+    stats = [s for p in passes for s in getattr(p, "stats", [])]
+    reference = reference if isinstance(reference, ir.Model) else io.load(reference)
+    return approximate_verification(reference, model, data, calibration=stats, provider=provider)
 
 
 def _tolerance_class(passes: Sequence[NormPass], report: Report) -> str:

@@ -5,10 +5,11 @@ from normfold.passes.fold_batchnorm import FoldBatchNorm
 from normfold.passes.fold_norm_affine import FoldNormAffine
 from normfold.passes.layernorm_to_crmsnorm import LayerNormToCRMSNorm
 from normfold.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
+from normfold.passes.remove_layernorm import RemoveLayerNorm
 
 PASSES = {
     cls.name: cls
-    for cls in (FoldBatchNorm, LayerNormToRMSNorm, LayerNormToCRMSNorm, EmitRMSNorm, FoldNormAffine)
+    for cls in (FoldBatchNorm, LayerNormToRMSNorm, LayerNormToCRMSNorm, EmitRMSNorm, FoldNormAffine, RemoveLayerNorm)
 }
 
-__all__ = ["PASSES", "EmitRMSNorm", "FoldBatchNorm", "FoldNormAffine", "LayerNormToCRMSNorm", "LayerNormToRMSNorm"]
+__all__ = ["PASSES", "EmitRMSNorm", "FoldBatchNorm", "FoldNormAffine", "LayerNormToCRMSNorm", "LayerNormToRMSNorm", "RemoveLayerNorm"]
