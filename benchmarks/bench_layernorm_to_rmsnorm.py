@@ -155,9 +155,9 @@ def convert(src: Path, dst: Path, pass_name: str, target: str) -> dict:
     }
 
 
-def strip_layernorms(src: Path, dst: Path) -> dict:
-    """The no-norm bound: every LayerNormalization's output rewired to its input (an Identity where
-    the output is a graph output); its gamma/beta initializers dropped when nothing else reads them."""
+def strip_layernorms(src: Path, dst: Path, op_types: tuple[str, ...] = ("LayerNormalization",)) -> dict:
+    """The no-norm bound: every norm node (of `op_types`) has its output rewired to its input (an
+    Identity where the output is a graph output); its parameters dropped when nothing else reads them."""
     import onnx
 
     start = time.perf_counter()
@@ -167,9 +167,9 @@ def strip_layernorms(src: Path, dst: Path) -> dict:
     rename: dict[str, str] = {}
     kept, replaced = [], 0
     for node in graph.node:
-        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+        if node.op_type in op_types and node.domain in ("", "ai.onnx"):
             if any(node.output[1:]):
-                raise RuntimeError(f"{node.name}: LayerNormalization with Mean/InvStdDev outputs")
+                raise RuntimeError(f"{node.name}: {node.op_type} with optional outputs in use")
             replaced += 1
             if node.output[0] in graph_outputs:
                 kept.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
