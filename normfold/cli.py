@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from normfold import __version__
@@ -79,29 +80,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", help="list the available passes")
 
-    bench = sub.add_parser("bench", help="measure onnxruntime latency of one or more models")
-    bench.add_argument("models", type=Path, nargs="+")
-    bench.add_argument("--provider", default="cpu")
-    bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--shape", action="append", default=[], metavar="INPUT=D0,D1,...")
-    bench.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="measure onnxruntime latency and memory of one or more models",
+                           description="Times the models on the same seeded inputs, repetitions interleaved "
+                                       "across models; ratio is each median over the first model's.")
+    bench.add_argument("models", type=Path, nargs="+", metavar="MODEL.onnx")
+    _add_provider_options(bench)
+    bench.add_argument("--repeats", type=int, default=20, help="timed runs per model (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed runs per model before timing (default 3)")
+    bench.add_argument("--batch", type=int, help="first dimension of every input whose batch is dynamic")
+    bench.add_argument("--shape", action="append", default=[], metavar="INPUT=D0,D1,...",
+                       help="shape of an input with dynamic dims (repeatable; wins over --batch)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory measurement (a child process per model)")
+    bench.add_argument("--json", action="store_true", help="machine-readable output (schema normfold.bench/1)")
+    bench.add_argument("--plot", type=Path, metavar="FILE.png",
+                       help="write a bar chart of median latency with p90 whiskers (needs matplotlib)")
     return parser
 
 
 def _add_verify_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, help="absolute tolerance before RMS scaling")
     parser.add_argument("--rtol", type=float, help="relative tolerance")
-    parser.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt or auto")
+    _add_provider_options(parser)
     parser.add_argument("--shape", action="append", default=[], metavar="INPUT=D0,D1,...",
                         help="shape of an input with dynamic dims (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+
+
+def _add_provider_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", default="cpu",
+                        help="execution provider: cpu (default), cuda, tensorrt or auto (the best available)")
+    parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="onnxruntime provider option, e.g. device_id=1, trt_engine_cache_enable=True "
+                             "(repeatable)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="TensorRT fp16 kernels (trt_fp16_enable=True; needs --provider tensorrt)")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="when the provider is unavailable, run on the next best one with a warning")
 
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            warnings.filterwarnings("always", module="normfold")
+            return COMMANDS[args.command](args)
     except NormfoldError as exc:
         if debug:
             traceback.print_exc()
@@ -185,7 +211,7 @@ def cmd_verify(args) -> int:
     import dataclasses
     import time
 
-    from normfold import io
+    from normfold import io, provider_tolerances
     from normfold import reference as reference_file
     from normfold import verification as verify_module
 
@@ -215,14 +241,15 @@ def cmd_verify(args) -> int:
         return 0
 
     _progress(f"checking {candidate}")
-    result = verify_module.check_candidate(data, candidate, provider=args.provider)
+    provider = provider_tolerances.for_verification(_provider(args))
+    result = verify_module.check_candidate(data, candidate, provider=provider, allow_fallback=args.allow_fallback)
     bisected = None
     if args.bisect and not result.passed:
         from normfold.bisect import bisect
 
         _progress("bisecting")
         bisected = bisect(reference_model, candidate, inputs=data.inputs, atol=atol, rtol=rtol,
-                          tolerance_class=tolerance_class, tolerances=per_output, provider=args.provider)
+                          tolerance_class=tolerance_class, tolerances=per_output, provider=provider)
     seconds = time.perf_counter() - start
     reference_label = str(args.reference_file or reference_model)
     if args.save_reference:
@@ -354,6 +381,9 @@ def _reproduce_command(args, data, reference_model, candidate) -> str:
         command += ["--tolerance", f"{name}={a!r},{r!r}"]
     if args.provider != "cpu":
         command += ["--provider", args.provider]
+    for item in args.provider_option:
+        command += ["--provider-option", item]
+    command += [flag for flag, on in (("--fp16", args.fp16), ("--allow-fallback", args.allow_fallback)) if on]
     return shlex.join(command) + " (add --save-reference REF.npz to keep these inputs and outputs)"
 
 
@@ -385,12 +415,24 @@ def cmd_passes(args) -> int:
 def cmd_bench(args) -> int:
     from normfold import bench
 
-    results = bench.benchmark(args.models, provider=args.provider, repeats=args.repeats,
-                              shapes=_parse_shapes(args.shape))
+    if args.plot:
+        bench.check_plot_path(args.plot)
+        clash = next((m for m in args.models if _same_file(args.plot, m)), None)
+        if clash is not None:
+            raise InputError(f"--plot {args.plot}: would overwrite {clash}, which this command reads")
+    choice = _provider(args)
+    memory = not args.no_memory
+    results = bench.benchmark(args.models, provider=choice, allow_fallback=args.allow_fallback, repeats=args.repeats,
+                              warmup=args.warmup, shapes=_parse_shapes(args.shape), batch=args.batch, seed=args.seed,
+                              memory=memory)
+    if args.plot:
+        bench.plot(results, args.plot)
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        print("\n".join(bench.table(results)))
+        print(json.dumps(strict_json(bench.document(results, choice, seed=args.seed, memory=memory)), indent=2))
+        return 0
+    print("\n".join(bench.table(results)))
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -399,8 +441,24 @@ COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify
 
 
 def _verify_kwargs(args) -> dict:
-    return dict(atol=args.atol, rtol=args.rtol, provider=args.provider, shapes=_parse_shapes(args.shape),
-                seed=args.seed)
+    provider = args.provider if getattr(args, "no_verify", False) else _provider(args)
+    return dict(atol=args.atol, rtol=args.rtol, provider=provider, shapes=_parse_shapes(args.shape),
+                seed=args.seed, allow_fallback=args.allow_fallback)
+
+
+def _provider(args):
+    """The provider from --provider, --provider-option, --fp16 and --allow-fallback; auto says what it picked."""
+    from normfold import runtime
+
+    options = runtime.parse_options(args.provider_option)
+    if args.fp16:
+        if options.get("trt_fp16_enable", "True") != "True":
+            raise InputError("--fp16 contradicts --provider-option trt_fp16_enable=False")
+        options["trt_fp16_enable"] = "True"
+    choice = runtime.select_provider(args.provider, options, allow_fallback=args.allow_fallback)
+    if choice.requested == "auto":
+        print(f"normfold: --provider auto: running on {choice.describe()}", file=sys.stderr)
+    return choice
 
 
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
@@ -424,10 +482,16 @@ def _verification_lines(report) -> list[str]:
         from normfold.drift import summary_lines
 
         return summary_lines(v["drift"])
-    lines = [f"verification {'passed' if v['passed'] else 'FAILED'}: max abs error {v['max_abs_error']:.3g}, "
+    on = f" on {v['provider']}" if v.get("provider", "cpu") != "cpu" else ""
+    lines = [f"verification {'passed' if v['passed'] else 'FAILED'}{on}: max abs error {v['max_abs_error']:.3g}, "
              f"max rel error {v['max_rel_error']:.3g}"]
     lines += [f"  FAIL {o['name']}: {o['message']}" for o in v["outputs"] if not o["passed"]]
     return lines
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as one line on stderr, like errors."""
+    print(f"normfold: warning: {message}", file=sys.stderr)
 
 
 def _progress(message: str) -> None:

@@ -199,7 +199,7 @@ def option_problem(provider: str, key: str) -> str | None:
     if provider == "cpu":
         return "the CPU provider takes no provider options"
     if provider == "cuda" and key.startswith("trt_"):
-        return f"{key} is a TensorRT option (use --provider tensorrt)"
+        return "a TensorRT option, not for CUDAExecutionProvider (use --provider tensorrt)"
     return None
 
 
