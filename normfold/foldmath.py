@@ -95,3 +95,18 @@ def crms_input_weight(weight: np.ndarray, gamma: np.ndarray, *, axis: int) -> np
     head = np.take(scaled, np.arange(width - 1), axis=axis)
     last = np.take(scaled, [width - 1], axis=axis)
     return head - last
+
+
+def fakeln_reader(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarray, beta: np.ndarray | None,
+                  sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """A linear y = n W + b reading n = c / sigma * gamma + beta (FakeLN of a centred c), as y = c W' + b'.
+
+    W is (in, out) (rows along input features): W' = diag(gamma / sigma) W, b' = b + beta W (b = 0 and
+    beta = 0 when absent).
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    scaled = scale_channels(weight, np.asarray(gamma, dtype=np.float64) / np.float64(sigma), axis=0)
+    new_bias = np.zeros(weight.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64).copy()
+    if beta is not None:
+        new_bias += np.asarray(beta, dtype=np.float64) @ weight
+    return scaled, new_bias
