@@ -80,7 +80,7 @@ class ProviderChoice:
         if self.fallback:
             return f"{self.onnxruntime_name} (fallback from {self.requested}: {self.fallback})"
         if self.requested == "auto":
-            return f"{self.onnxruntime_name} (picked by auto from {', '.join(available_names())})"
+            return f"{self.onnxruntime_name} (auto: the best of {', '.join(available_names())})"
         return self.onnxruntime_name
 
     def to_dict(self) -> dict:
