@@ -5,7 +5,8 @@ asymmetric pads, output_padding, groups including depthwise; BN anywhere, with v
 1e-6..1e3, gamma with zero and negative entries, epsilon in [1e-6, 1e-3]). Each model is converted
 with normfold.convert (which itself verifies against the unoptimized original on onnxruntime), and
 the folded model's onnxruntime output is compared with a float64 numpy evaluation of the original
-stack (bn_graphs.conv_ref / conv_transpose_ref / bn_ref) under REFERENCE.md's tolerances:
+stack (bn_graphs.conv_ref / conv_transpose_ref / bn_ref), on inputs N(0, 1) scaled by 1e-3, 1 or 1e3 or
+shifted by +100 (fp16: 1e-3, 1, 1e2, +10), under REFERENCE.md's tolerances:
 fp32 rtol 1e-4, atol 1e-5 * max(1, rms(reference)); fp16 rtol 1e-2, atol 1e-2 * scale.
 
 Which BNs must fold is predicted independently: a BN whose chain of preceding BNs starts at a Conv
@@ -215,7 +216,19 @@ def build_stack(stack: Stack, dtype=np.float32):
     return g.build(opset=17), reference
 
 
-def check_stack(stack: Stack, dtype) -> None:
+INPUT_SCALES = (1e-3, 1.0, 1e3, "+100")
+"""The input x is N(0, 1) times 1e-3, 1 or 1e3, or N(0, 1) + 100 (shifted)."""
+FP16_INPUT_SCALES = (1e-3, 1.0, 1e2, "+10")
+"""fp16 inputs: the same, with 1e3 and +100 scaled down to stay inside fp16's range (max 65504) after a layer."""
+
+
+def scaled_input(x: np.ndarray, scale) -> np.ndarray:
+    """x shifted ("+100") or multiplied by `scale`, rounded once to x's dtype."""
+    x64 = x.astype(np.float64)
+    return (x64 + float(scale[1:]) if isinstance(scale, str) else x64 * scale).astype(x.dtype)
+
+
+def check_stack(stack: Stack, dtype, scale=1.0) -> None:
     proto, reference = build_stack(stack, dtype)
     n_bn = sum(layer.kind == "bn" for layer in stack.layers)
     # convert() verifies the folded model against the unoptimized original on onnxruntime itself
@@ -234,20 +247,22 @@ def check_stack(stack: Stack, dtype) -> None:
         assert report.verification["passed"], report.verification
     folded = ir.serde.serialize_model(model)
     feeds = bg.random_feeds(proto, seed=stack.seed % 1000)
+    feeds["x"] = scaled_input(feeds["x"], scale)
+    event(f"input scale {scale}")
     got = bg.run(folded, feeds)["y"]
     bg.assert_close(got, reference(feeds["x"]), dtype, what="folded model vs float64 reference")
 
 
 @settings(max_examples=FP32_EXAMPLES, **COMMON)
-@given(stacks())
-def test_random_fp32_stacks_fold_exactly(stack):
-    check_stack(stack, np.float32)
+@given(stacks(), st.sampled_from(INPUT_SCALES))
+def test_random_fp32_stacks_fold_exactly(stack, scale):
+    check_stack(stack, np.float32, scale)
 
 
 @settings(max_examples=FP16_EXAMPLES, **COMMON)
-@given(stacks(fp16=True))
-def test_random_fp16_conv_bn_folds_within_fp16_tolerance(stack):
-    check_stack(stack, np.float16)
+@given(stacks(fp16=True), st.sampled_from(FP16_INPUT_SCALES))
+def test_random_fp16_conv_bn_folds_within_fp16_tolerance(stack, scale):
+    check_stack(stack, np.float16, scale)
 
 
 def test_expected_folds_rule():
