@@ -416,10 +416,10 @@ def cmd_bench(args) -> int:
     from normfold import bench
 
     if args.plot:
-        bench.check_plot_path(args.plot)
         clash = next((m for m in args.models if _same_file(args.plot, m)), None)
         if clash is not None:
             raise InputError(f"--plot {args.plot}: would overwrite {clash}, which this command reads")
+        bench.check_plot_path(args.plot)
     choice = _provider(args)
     memory = not args.no_memory
     results = bench.benchmark(args.models, provider=choice, allow_fallback=args.allow_fallback, repeats=args.repeats,
