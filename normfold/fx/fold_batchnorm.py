@@ -251,18 +251,21 @@ def _write(gm: torch.fx.GraphModule, producer: Producer, weight: torch.Tensor, b
         return
     args = bound_args(node)
     owner = args["weight"].target.rpartition(".")[0]
+    shared = []
     for name, value in (("weight", weight), ("bias", bias)):
         old = args.get(name)
         if old is not None and _exclusive(gm, old, node):
             set_parameter(gm, old.target, value)
             continue
         if old is not None:
-            report.notes.append(Skip(node_label(bn.node), f"{old.target} is also read elsewhere: the folded call "
-                                     "site got its own copy, the other readers keep the original"))
+            shared.append(old.target)
         target = unique_attr_name(gm, old.target if old is not None else f"{owner}.bias".lstrip("."))
         set_parameter(gm, target, value)
         with gm.graph.inserting_before(node):
             set_arg(node, name, gm.graph.get_attr(target))
+    if shared:
+        report.notes.append(Skip(node_label(bn.node), f"{' and '.join(shared)} also read elsewhere: the folded "
+                                 "call site got its own copy, the other readers keep the original"))
 
 
 def _exclusive(gm: torch.fx.GraphModule, attr: torch.fx.Node, reader: torch.fx.Node) -> bool:

@@ -10,6 +10,7 @@ from REFERENCE.md's table for the output dtype and `tolerance_class` ("fold" or 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -64,7 +65,9 @@ def _cast(x, dtype):
 
 def _run(module: torch.nn.Module, inputs: tuple, dtype, label: str):
     if dtype is not None:
-        module = copy.deepcopy(module).to(dtype)
+        with warnings.catch_warnings():  # torch.export modules warn of a deprecated pytree spec when copied
+            warnings.simplefilter("ignore", FutureWarning)
+            module = copy.deepcopy(module).to(dtype)
     with torch.no_grad():
         try:
             return module(*inputs)
