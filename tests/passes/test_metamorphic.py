@@ -11,14 +11,15 @@ Properties:
 1. Metamorphic (idempotence of convert): converting the converted model again applies nothing and
    leaves the graph unchanged (node op types, domains, inputs, outputs and attributes; initializer
    names and bytes), for the default pipeline (`normfold.convert(model)`, target auto/onnx/ort) and
-   for each single pass (layernorm-to-crmsnorm, fold-norm-affine, emit-rmsnorm, fold-batchnorm) with
+   for each single pass (layernorm-to-rmsnorm, layernorm-to-crmsnorm, fold-norm-affine, emit-rmsnorm,
+   fold-batchnorm) with
    target "onnx" and "ort".
 2. Differential: a converted model in standard ONNX (target "onnx") gives the same outputs on
    onnxruntime (graph optimizations off) and on onnx's reference evaluator (onnx.reference), both in
    the model's dtype, within REFERENCE.md's fp32 LN -> RMSNorm row (rtol 1e-4, atol 1e-4 * max(1, rms)).
    Only small float32 models (the reference evaluator is slow).
 3. Equivalence of the passes without a property test of their own (layernorm-to-crmsnorm,
-   fold-norm-affine, emit-rmsnorm), at REFERENCE.md's tolerance for the pass (renorm: 1e-4 / 1e-4 * scale;
+   fold-norm-affine, emit-rmsnorm) and of layernorm-to-rmsnorm on scaled streams, at REFERENCE.md's tolerance for the pass (renorm: 1e-4 / 1e-4 * scale;
    affine fold: 1e-4 / 1e-5 * scale), never loosened. The models read token ids, so the "input scale"
    is the scale of what is written into the residual stream: the token (and position) tables, built
    with embedding_offset 0 or +100 (0 or +4 with a tied head, whose logits are ill-conditioned with
@@ -42,8 +43,9 @@ wrong (test_onnx_reference_evaluator_grouped_conv_transpose, a strict xfail that
 
 Example counts in CI: 200 examples per pass (each example of a pass test checks equivalence,
 idempotence and, when small and target "onnx", the differential property), 120 for the default
-pipeline on transformers and 80 on CNNs, plus the strict xfails (about 45-60 s on 2 cores). Long mode: NORMFOLD_LONG=1 runs
-10000 examples per property (NORMFOLD_LONG=1 pytest tests/passes/test_metamorphic.py, hours).
+pipeline on transformers and 80 on CNNs, plus the strict xfails (about 60-75 s of CPU on 2 cores). Long mode:
+NORMFOLD_LONG=1 runs 10000 examples per property (NORMFOLD_LONG=1 pytest tests/passes/test_metamorphic.py,
+hours; about 6 minutes per 1000 examples of a pass test; NORMFOLD_LONG=N runs N, see long_mode).
 A failure prints the falsifying example (a transformer_graphs.Config or a Stack: copy it into
 tg.build / build_stack) and a @reproduce_failure blob (print_blob) with the seed.
 """
@@ -334,6 +336,17 @@ def test_layernorm_to_crmsnorm(config, target, scale, seed):
     case = tg.build(config)
     event(f"scale {scale:g}, offset {config.embedding_offset:g}")
     check_pass(scaled(case, scale), config, "layernorm-to-crmsnorm", target, seed, "renorm")
+
+
+@settings(max_examples=PASS_EXAMPLES, **COMMON)
+@given(config=configs(), target=st.sampled_from(["onnx", "ort"]), scale=st.sampled_from(SCALES),
+       seed=st.integers(0, 2**16))
+def test_layernorm_to_rmsnorm(config, target, scale, seed):
+    """The pass's own properties (test_layernorm_to_rmsnorm_properties) use unscaled tables; here the stream
+    is scaled 1e-3..1e3, and the converted model must be idempotent and pass the differential check."""
+    case = tg.build(config)
+    event(f"scale {scale:g}, offset {config.embedding_offset:g}")
+    check_pass(scaled(case, scale), config, "layernorm-to-rmsnorm", target, seed, "renorm")
 
 
 @settings(max_examples=PASS_EXAMPLES, **COMMON)
