@@ -457,7 +457,7 @@ def _provider(args):
         options["trt_fp16_enable"] = "True"
     choice = runtime.select_provider(args.provider, options, allow_fallback=args.allow_fallback)
     if choice.requested == "auto":
-        print(f"normfold: --provider auto: running on {choice.describe()}", file=sys.stderr)
+        print(f"normfold: --provider auto picked {choice.describe()}", file=sys.stderr)
     return choice
 
 

@@ -80,7 +80,7 @@ class ProviderChoice:
         if self.fallback:
             return f"{self.onnxruntime_name} (fallback from {self.requested}: {self.fallback})"
         if self.requested == "auto":
-            return f"{self.onnxruntime_name} (auto: the best of {', '.join(available_names())})"
+            return f"{self.onnxruntime_name} (the best of {', '.join(available_names())})"
         return self.onnxruntime_name
 
     def to_dict(self) -> dict:
@@ -226,10 +226,12 @@ def open_session(model_file: str | os.PathLike, *, provider: str | ProviderChoic
     """(session, ProviderChoice): the session and the provider that really runs it.
 
     A provider onnxruntime lists but cannot start (missing CUDA, cuDNN or TensorRT libraries, a bad
-    option) is an error, or with `allow_fallback` a warned fallback down AUTO_ORDER.
+    option) is an error, or with `allow_fallback` a warned fallback down AUTO_ORDER; `auto` always walks
+    down (onnxruntime-gpu lists TensorRT even where TensorRT's libraries are not installed).
     """
     ort = onnxruntime()
     choice = select_provider(provider, provider_options, allow_fallback=allow_fallback)
+    allow_fallback = allow_fallback or choice.requested == "auto"
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -186,3 +187,13 @@ def test_cli_bench_provider_fallback(small, capsys):
     assert data["provider"]["requested"] == "cuda" and data["provider"]["used"] == "cpu"
     assert data["provider"]["fallback"] and data["models"][0]["provider"] == "cpu"
     assert captured.err.count("normfold: warning:") == 1
+
+
+def test_after_a_fallback_every_model_runs_where_the_first_does(small, monkeypatch):
+    """CUDA listed by the Python API but absent in the runtime (as when its libraries are missing)."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, "CPUExecutionProvider"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = bench.benchmark(small, provider="cuda", allow_fallback=True, repeats=1, warmup=0, batch=1)
+    assert [r.provider for r in results] == ["cpu", "cpu"]
+    assert sum(issubclass(w.category, runtime.ProviderFallbackWarning) for w in caught) == 1

@@ -112,7 +112,7 @@ def test_auto_names_what_it_picked_on_this_onnxruntime():
     choice = runtime.select_provider("auto")
     best = next(n for n in runtime.AUTO_ORDER if runtime.PROVIDERS[n] in REAL)
     assert (choice.requested, choice.used, choice.fallback) == ("auto", best, None)
-    assert choice.describe().startswith(f"{runtime.PROVIDERS[best]} (auto: the best of ")
+    assert choice.describe().startswith(f"{runtime.PROVIDERS[best]} (the best of ")
 
 
 # -- selection logic for GPU builds (availability list patched) ---------------------------------------
@@ -309,4 +309,18 @@ def test_cli_bad_provider_options_are_one_line_usage_errors(model_path, argv, me
 def test_cli_auto_says_what_it_picked(model_path, capsys):
     assert main(["verify", str(model_path), str(model_path), "--provider", "auto"]) == 0
     best = next(runtime.PROVIDERS[n] for n in runtime.AUTO_ORDER if runtime.PROVIDERS[n] in REAL)
-    assert f"--provider auto: running on {best}" in capsys.readouterr().err
+    assert f"--provider auto picked {best} (the best of " in capsys.readouterr().err
+
+
+def test_auto_walks_down_when_its_pick_cannot_start(gpu_build, model_path):
+    """onnxruntime-gpu lists TensorRT even without TensorRT's libraries: auto must still run."""
+    gpu_build(TRT, CUDA, CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # onnxruntime's own "not in available provider names"
+        with pytest.warns(ProviderFallbackWarning) as caught:
+            session, choice = runtime.open_session(model_path, provider="auto")
+    assert session.get_providers() == [CPU] and (choice.requested, choice.used) == ("auto", "cpu")
+    assert [str(w.message).split(";")[0] for w in caught if w.category is ProviderFallbackWarning] == [
+        f"onnxruntime lists {TRT} but could not start it (its CUDA, cuDNN or TensorRT libraries are missing or "
+        f"do not match this onnxruntime", f"onnxruntime lists {CUDA} but could not start it (its CUDA, cuDNN or "
+        f"TensorRT libraries are missing or do not match this onnxruntime"]
