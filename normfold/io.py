@@ -1,7 +1,15 @@
 """Loading and saving ONNX models on onnx-ir, safely.
 
 - `load` reads the protobuf without its external data; onnx-ir memory-maps external tensors lazily,
-  so a model over 2 GB loads in little memory. Before anything reads a tensor, the protobuf is checked
+  so a model over 2 GB loads in little memory. External initializers are read from their file on
+  each use (`StreamedExternalTensor`, no memory map kept), so memory holds only the arrays a pass is
+  working on, and save copies untouched tensors file to file (copy_file_range) without reading them.
+- Rewritten weights of a model that has external data are spilled (`new_tensor`): each array of at
+  least SPILL_THRESHOLD_BYTES is written to a temporary file as soon as a pass makes it and kept as a
+  StreamedExternalTensor, so converting a model of several GB holds about one tensor at a time.
+  The spill directory is created beside the model (else in the system temp directory) and removed
+  when the model is garbage-collected or the process exits.
+- Before anything reads a tensor, the protobuf is checked
   (normfold.validate) and so is every external-data reference, wherever it sits (initializers, node
   attributes, subgraphs, model-local functions): its location must be relative, without `..`, and
   resolve (symlinks followed) inside the model's directory; the file must exist, be a regular file
@@ -25,9 +33,11 @@ import re
 import shutil
 import stat
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -40,6 +50,12 @@ SOURCE_FILES_KEY = "normfold.source_files"
 
 SOURCE_INODES_KEY = "normfold.source_inodes"
 """Key in `model.meta` holding (st_dev, st_ino) of those files, so another spelling is caught too."""
+
+SPILL_KEY = "normfold.spill"
+"""Key in `model.meta` holding the model's spill store (set at load when the model has external data)."""
+
+SPILL_THRESHOLD_BYTES = 1 << 20
+"""New tensors of at least this size are spilled to disk when the model has external data."""
 
 PROVENANCE_KEY = "normfold.provenance"
 """The metadata_props entry `save` adds to record what normfold did."""
@@ -86,6 +102,8 @@ def load(path: str | os.PathLike) -> ir.Model:
     check_external_data(model, model_dir)
     validate_model(model, name=str(path), check_tensors=False)
     _record_sources(model, [path])
+    if _stream_external_initializers(model):
+        model.meta[SPILL_KEY] = _Spill(model_dir)
     return model
 
 
@@ -154,6 +172,88 @@ def save(model: ir.Model, path: str | os.PathLike, *, force: bool = False) -> Pa
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def new_tensor(model: ir.Model, array: np.ndarray, name: str) -> ir.TensorProtocol:
+    """A tensor holding `array` for a rewritten weight: spilled to disk (and so out of memory) when the
+    model has external data and the array is big, else in memory."""
+    spill = model.meta.get(SPILL_KEY)
+    if spill is None or array.nbytes < SPILL_THRESHOLD_BYTES or array.dtype.kind not in "fiub":
+        return ir.tensor(array, name=name)
+    return spill.write(array, name)
+
+
+class StreamedExternalTensor(ir.ExternalTensor):
+    """An external tensor whose values are copied out of the file and unmapped on every read: the
+    array is the caller's to keep or drop, so reading every weight once does not leave the whole model
+    resident (an mmap's touched pages would stay, and count as resident, until released)."""
+
+    def numpy(self) -> np.ndarray:
+        array = super().numpy().copy()
+        array.flags.writeable = False  # like onnx-ir's read-only map: passes never mutate a tensor
+        self.release()
+        return array
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        data = super().tobytes()
+        self.release()
+        return data
+
+
+class _Spill:
+    """One append-only temporary file of spilled tensors, in a directory removed with the store."""
+
+    def __init__(self, near: Path) -> None:
+        self._near = near
+        self._dir: str | None = None
+        self._file = None
+        self._finalizer = None
+
+    def write(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
+        if self._file is None:
+            try:
+                self._open()
+            except OSError:  # nowhere to spill: keep it in memory
+                return ir.tensor(array, name=name)
+        array = np.ascontiguousarray(array)
+        offset = self._file.seek(0, os.SEEK_END)
+        offset += -offset % 64
+        self._file.seek(offset)
+        array.tofile(self._file)
+        self._file.flush()
+        return StreamedExternalTensor("spill.data", offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                      shape=ir.Shape(array.shape), name=name, base_dir=self._dir)
+
+    def _open(self) -> None:
+        try:
+            self._dir = tempfile.mkdtemp(prefix=".normfold-spill-", dir=self._near)
+        except OSError:
+            self._dir = tempfile.mkdtemp(prefix="normfold-spill-")
+        self._file = open(os.path.join(self._dir, "spill.data"), "w+b")  # noqa: SIM115  (closed by the finalizer)
+        self._finalizer = weakref.finalize(self, _remove_spill, self._file, self._dir)
+
+
+def _remove_spill(file, directory: str) -> None:
+    file.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _stream_external_initializers(model: ir.Model) -> bool:
+    """Replaces every external initializer by a StreamedExternalTensor; True when there was one."""
+    found = False
+    for graph in _all_graphs(model):
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor) and not isinstance(t, StreamedExternalTensor):
+                value.const_value = StreamedExternalTensor(
+                    t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name, doc_string=t.doc_string,
+                    metadata_props=t.metadata_props, base_dir=t.base_dir)
+                found = True
+    return found
 
 
 def add_provenance(model: ir.Model, summary: str) -> None:

@@ -12,6 +12,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from normfold import io
 from normfold.constants import LEGACY_INPUT_INITIALIZERS_IR
 from normfold.report import Skip, node_label
 
@@ -64,11 +65,13 @@ class NormPass(ir.passes.InPlacePass):
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, model: ir.Model) -> ir.Value:
     """Adds a new initializer named after `base_name` (made unique) holding `array`.
 
+    A big array of a model with external data goes straight to disk (normfold.io.new_tensor), so a
+    pass that rewrites every weight of a large model never holds more than the one it is computing.
     Below IR 4 the main graph's initializers must also be listed as graph inputs, so it is.
     """
     name = unique_name(graph, base_name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=name)
+    value.const_value = io.new_tensor(model, array, name)
     graph.register_initializer(value)
     if model.ir_version < LEGACY_INPUT_INITIALIZERS_IR and graph is model.graph:
         graph.inputs.append(value)
