@@ -78,7 +78,8 @@ def run_passes(model: ir.Model, passes: Sequence[NormPass]) -> Report:
             break
     remove_orphans(model, unused_before)
     for value in unannotated:
-        value.shape, value.type = None, None
+        if not value.is_graph_output():  # a graph output keeps its type, whichever node writes it now
+            value.shape, value.type = None, None
     report.ops_after = op_counts(model)
     if report.applied:
         report.untouched_initializers = {

@@ -40,14 +40,7 @@ from normfold.io import PROVENANCE_KEY, from_proto  # noqa: E402
 
 from io_builders import all_tensor_protos, external_locations  # noqa: E402
 
-OUTPUT_TYPE_LOST = pytest.mark.xfail(strict=True, reason=(
-    "normfold bug (pipeline.run_passes): when a folded node wrote a graph output, the output's new producer "
-    "value had no annotation before shape inference, so the end-of-run stripping of inferred annotations "
-    "erases the graph output's declared type and shape; fix: skip graph outputs when stripping "
-    "(test_folded_graph_output_keeps_its_type)"))
-LAST_NODE_IS_A_BN = {"convtranspose_decoder", "mlp_bn", "conv1d_bn", "conv3d_bn"}
-NAMES = [pytest.param(n, marks=OUTPUT_TYPE_LOST) if n in LAST_NODE_IS_A_BN else n
-         for n in list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)]
+NAMES = list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)
 EXTRA_OPSET = ("com.example.preservation", 1)
 PROPS = {"author": "preservation test", "license": "Apache-2.0", "zz.last": "kept in order"}
 
@@ -159,7 +152,6 @@ def test_convert_preserves_what_it_does_not_rewrite(name, exports, tmp_path, cap
                         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]).all()
 
 
-@OUTPUT_TYPE_LOST
 def test_folded_graph_output_keeps_its_type(tmp_path):
     """x -> Conv -> BatchNormalization -> y (declared float[1, 4, 6]): after folding, y is the Conv's output and
     must keep the declared type and shape (the minimal reproducer of the models above; no torch needed). Lost
