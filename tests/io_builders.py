@@ -95,6 +95,67 @@ def add_model(*, shape=(2, 3), seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
+def pre_ln_model(opset: int, *, d: int = 8, vocab: int = 11) -> onnx.ModelProto:
+    """ids -> Gather(wte) -> h0 -> LN1 -> MatMul -> Relu -> MatMul -> + h0 -> LN_f -> MatMul(head) -> logits.
+
+    A Pre-LN block written with ops every opset >= 7 has: decomposed LayerNorms (ReduceMean with its axes
+    attribute, over axis 2, Sub, Pow, Add, Sqrt, Div, Mul, Add), for the old-opset cases of the corpus.
+    """
+    rng = _rng(opset)
+    inits, nodes = [], []
+
+    def init(name, a):
+        inits.append(numpy_helper.from_array(np.asarray(a, np.float32), name))
+        return name
+
+    def ln(prefix, x):
+        axes = dict(axes=[2])
+        nodes.extend([
+            helper.make_node("ReduceMean", [x], [f"{prefix}/mu"], name=f"{prefix}/mean", **axes),
+            helper.make_node("Sub", [x, f"{prefix}/mu"], [f"{prefix}/xc"], name=f"{prefix}/sub"),
+            helper.make_node("Pow", [f"{prefix}/xc", init(f"{prefix}.two", 2.0)], [f"{prefix}/sq"], name=f"{prefix}/pow"),
+            helper.make_node("ReduceMean", [f"{prefix}/sq"], [f"{prefix}/var"], name=f"{prefix}/var", **axes),
+            helper.make_node("Add", [f"{prefix}/var", init(f"{prefix}.eps", 1e-5)], [f"{prefix}/ve"],
+                             name=f"{prefix}/add_eps"),
+            helper.make_node("Sqrt", [f"{prefix}/ve"], [f"{prefix}/std"], name=f"{prefix}/sqrt"),
+            helper.make_node("Div", [f"{prefix}/xc", f"{prefix}/std"], [f"{prefix}/n"], name=f"{prefix}/div"),
+            helper.make_node("Mul", [f"{prefix}/n", init(f"{prefix}.g", rng.uniform(0.5, 1.5, d))], [f"{prefix}/ng"],
+                             name=f"{prefix}/mul"),
+            helper.make_node("Add", [f"{prefix}/ng", init(f"{prefix}.b", rng.standard_normal(d))], [f"{prefix}/y"],
+                             name=f"{prefix}/add"),
+        ])
+        return f"{prefix}/y"
+
+    nodes.append(helper.make_node("Gather", [init("wte", rng.standard_normal((vocab, d)) + 3.0), "ids"], ["h0"],
+                                  name="embed"))
+    a = ln("ln1", "h0")
+    nodes.append(helper.make_node("MatMul", [a, init("w1", rng.standard_normal((d, d)) / d**0.5)], ["f"], name="fc"))
+    nodes.append(helper.make_node("Relu", ["f"], ["r"], name="relu"))
+    nodes.append(helper.make_node("MatMul", ["r", init("w2", rng.standard_normal((d, d)) / d**0.5)], ["p"], name="proj"))
+    nodes.append(helper.make_node("Add", ["h0", "p"], ["h1"], name="residual"))
+    f = ln("ln_f", "h1")
+    nodes.append(helper.make_node("MatMul", [f, init("head", rng.standard_normal((d, vocab)))], ["logits"], name="head"))
+    graph = helper.make_graph(nodes, "pre_ln", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, vocab])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def conv_bn_spatial_model(opset: int, spatial: int | None) -> onnx.ModelProto:
+    """x[1,2,4,4] -> Conv -> BatchNormalization(spatial) -> y; spatial=0 (opsets 7-8) has per-element statistics."""
+    rng = _rng(opset)
+    shape = [3] if spatial in (None, 1) else [3, 4, 4]
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), n) for n in ("g", "b", "m")]
+    inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, shape).astype(np.float32), "v"))
+    attrs = {} if spatial is None else {"spatial": spatial}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn", **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
 def save_with_external_data(model: onnx.ModelProto, path: Path, location: str | None = None) -> Path:
     """Saves a copy of `model` with every tensor in one external file beside it."""
     model = copy.deepcopy(model)

@@ -3,6 +3,10 @@
 Every one must end with exit status 2, exactly one line on stderr starting with "normfold: error:",
 no traceback, and no file written anywhere. The validation gaps behind some of them (huge dims,
 deep nesting, sparse tensors, ...) are also checked directly on normfold.io.load.
+
+Old opsets: below opset 7 a model is refused (the corpus's "opset-too-old"); from 7 up every pass either
+applies, exactly (verified) and in ops of the model's own opset (the opset import is never bumped), or
+skips its site with the reason (BatchNormalization with spatial=0, opsets 7-8), leaving the model unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from normfold import cli, io
 from normfold.errors import InputError
 from normfold.validate import MAX_SUBGRAPH_DEPTH
 
-from io_builders import add_model, conv_bn_model, listing, run_normfold
+from io_builders import add_model, conv_bn_model, conv_bn_spatial_model, listing, pre_ln_model, run_normfold
 
 
 def _write(path: Path, model: onnx.ModelProto) -> Path:
@@ -322,3 +326,47 @@ def test_from_proto_validates_too():
     model.graph.initializer[0].raw_data = b"\0" * 4
     with pytest.raises(InputError, match="holds 4 bytes"):
         io.from_proto(model)
+
+
+# -- old opsets -------------------------------------------------------------------------------------------
+OLD_OPSETS = [7, 9, 11, 12]
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+@pytest.mark.parametrize("passes", [None, ["layernorm-to-rmsnorm"], ["layernorm-to-crmsnorm"], ["fold-norm-affine"]],
+                         ids=["default", "rmsnorm", "crmsnorm", "affine"])
+@pytest.mark.parametrize("opset", OLD_OPSETS)
+def test_layernorm_passes_at_old_opsets_emit_ops_of_that_opset(opset, passes, target):
+    import onnx_ir as ir
+
+    import normfold
+
+    original = pre_ln_model(opset)
+    model, report = normfold.convert(io.from_proto(original), passes, target=target)
+    assert report.applied >= 2 and report.verification["passed"], report.summary_lines()
+    assert all(not p["skipped"] for p in report.to_dict()["passes"]), report.summary_lines()
+    proto = ir.serde.serialize_model(model)
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", opset)]
+    if target == "onnx":
+        onnx.checker.check_model(proto, full_check=True)  # every op valid at the model's opset
+    assert not {"LayerNormalization", "RMSNormalization"} & {n.op_type for n in proto.graph.node}
+
+
+@pytest.mark.parametrize("opset,spatial", [(7, None), (7, 1), (9, None)])
+def test_batchnorm_folds_at_old_opsets(opset, spatial):
+    import normfold
+
+    model, report = normfold.convert(io.from_proto(conv_bn_spatial_model(opset, spatial)), ["fold-batchnorm"])
+    assert report.applied == 1 and report.verification["passed"], report.summary_lines()
+
+
+@pytest.mark.parametrize("opset", [7, 8])
+def test_per_element_batchnorm_of_old_opsets_is_skipped_with_the_reason(tmp_path, capsys, opset):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_spatial_model(opset, 0), path)
+    before = listing(tmp_path)
+    code = cli.main(["convert", str(path), "--passes", "fold-batchnorm"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "spatial=0" in out and "no output written" in out, out
+    assert listing(tmp_path) == before
