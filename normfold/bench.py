@@ -281,11 +281,15 @@ def plot(results: list[BenchResult], path: str | Path, *, title: str = "") -> Pa
     axes = figure.add_subplot()
     bars = axes.bar(range(len(results)), medians, yerr=whiskers, capsize=4, color="#4c72b0")
     for bar, r in zip(bars, results):
-        axes.annotate(f"{r.ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        axes.annotate(f"{r.ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, max(r.p90_ms, r.median_ms)),
+                      xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    axes.margins(y=0.12)
     axes.set_xticks(range(len(results)), labels, rotation=20, ha="right", fontsize=8)
     axes.set_ylabel("latency, ms (bar: median, whisker: p90)")
-    axes.set_title(title or f"onnxruntime {results[0].provider if results else ''}; ratio to the first model")
+    if not title and results:
+        title = (f"onnxruntime {runtime.PROVIDERS[results[0].provider]}, {results[0].repeats} interleaved runs\n"
+                 f"ratio: median / the first model's median")
+    axes.set_title(title, fontsize=9)
     return write_atomic(path, lambda f: figure.savefig(f, format=fmt, dpi=120), what="plot")
 
 
