@@ -271,7 +271,8 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> NormOp | None:
         if len(module.normalized_shape) != 1 or parametrize.is_parametrized(module):
             return None
         weight = ParamRef(node, attr="weight") if getattr(module, "weight", None) is not None else None
-        bias = ParamRef(node, attr="bias") if getattr(module, "bias", None) is not None else None
+        has_bias = label == "LayerNorm" and getattr(module, "bias", None) is not None  # RMSNorm ignores one
+        bias = ParamRef(node, attr="bias") if has_bias else None
         return NormOp(node, label, data_input(node), int(module.normalized_shape[0]), module.eps, weight, bias)
     if not isinstance(node.target, torch._ops.OpOverload):
         return None
@@ -290,3 +291,23 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> NormOp | None:
             if refs[name] is None:
                 return None
     return NormOp(node, label, node.args[0], int(normalized[0]), args.get("eps"), refs.get("weight"), refs.get("bias"))
+
+
+def set_bias(gm: fx.GraphModule, linear: LinearOp, value, *, suffix: str) -> None:
+    """Gives the linear layer at `linear.node` the bias `value`, adding one where it had none."""
+    if linear.bias is not None:
+        linear.bias.set(gm, value, suffix=suffix)
+        return
+    weight = linear.weight.get(gm)
+    param = nn.Parameter(torch.as_tensor(np.asarray(value)).to(dtype=weight.dtype, device=weight.device),
+                         requires_grad=weight.requires_grad)
+    if linear.node.op == "call_module":
+        own_module(gm, linear.node).bias = param
+        return
+    base = linear.node.args[1].target
+    target = unique_attr_name(gm, f"{base.rpartition('.')[0] + '.' if '.' in base else ''}bias_{suffix}")
+    prefix, _, name = target.rpartition(".")
+    (gm.get_submodule(prefix) if prefix else gm).register_parameter(name, param)
+    with gm.graph.inserting_before(linear.node):
+        node = gm.graph.get_attr(target)
+    linear.node.args = (*linear.node.args[:2], node)
