@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from normfold.errors import InputError
 
 METHODS = ("auto", "symbolic_trace", "export")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -57,17 +59,26 @@ def capture(module: torch.nn.Module, example_inputs: tuple, how: str = "auto") -
     return Captured(gm, "torch.export", trace_error)
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message`, cut to `limit` characters."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, the message being the root cause's when the exception wraps
+    another; without terminal colour codes, cut to `limit` characters."""
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = _first_line(exc) if root is exc else f"{type(exc).__name__}: {_first_line(root)}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    message = _ANSI.sub("", str(exc))
+    text = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
 def _quiet() -> Any:
     """Silence torch's warnings, log records below ERROR and prints while capturing or exporting."""
-    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.fx", "torch._export", "torch.export")]
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.fx", "torch._export", "torch.export", "torch.onnx")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)

@@ -1,0 +1,69 @@
+"""normfold.fx.export: the converted module's ONNX, verified on onnxruntime against the original's."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+import normfold  # noqa: E402
+import normfold.fx as nfx  # noqa: E402
+from normfold.errors import InputError  # noqa: E402
+from normfold.models import build, example_inputs  # noqa: E402
+from normfold.models.export import _cached_torchlib_registry, to_onnx  # noqa: E402
+from normfold.report import op_counts  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registry():
+    """Builds the dynamo exporter's operator registry once for this module (it takes seconds)."""
+    with _cached_torchlib_registry():
+        yield
+
+
+@pytest.mark.parametrize(("name", "capture", "folded_op"), [
+    ("mobilenet_like", "symbolic_trace", "Conv"),
+    ("convtranspose_decoder", "export", "ConvTranspose"),
+])
+def test_exported_conversion_verifies_against_the_original_export(name, capture, folded_op, tmp_path):
+    module = build(name)
+    inputs = tuple(torch.from_numpy(x) for x in example_inputs(name))
+    gm, report = nfx.convert(module, inputs, ["fold-batchnorm"], capture=capture)
+    assert report.capture == ("torch.export" if capture == "export" else "symbolic_trace")
+    original = tmp_path / "original.onnx"
+    to_onnx(module, inputs, original)
+    path = nfx.export(gm, inputs, tmp_path / "folded.onnx")
+    assert path == tmp_path / "folded.onnx"
+    before, after = op_counts(normfold.load(original)), op_counts(normfold.load(path))
+    assert before["BatchNormalization"] == report.passes[0].applied > 0
+    assert "BatchNormalization" not in after and after[folded_op] == before[folded_op]
+    result = normfold.verify(original, path, tolerance_class="fold")
+    assert result.passed, "\n".join(result.summary_lines())
+
+
+def test_export_refuses_an_existing_file_unless_forced(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    inputs = (torch.randn(2, 3),)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"keep me")
+    with pytest.raises(InputError, match="exists"):
+        nfx.export(module, inputs, target)
+    assert target.read_bytes() == b"keep me"
+    nfx.export(module, inputs, target, force=True)
+    result = normfold.verify(target, target)
+    assert result.passed and [o.name for o in result.outputs] == ["output"]
+
+
+class Unexportable(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigh(x @ x.T)[0]
+
+
+def test_export_failure_is_one_line_and_writes_nothing(tmp_path):
+    with pytest.raises(InputError) as info:
+        nfx.export(Unexportable(), (torch.randn(3, 3),), tmp_path / "m.onnx")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot export Unexportable to ONNX") and "eigh" in message
+    assert list(tmp_path.iterdir()) == []
