@@ -127,8 +127,7 @@ def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, extra: Seque
         twin = by_name.get(value.name)
         if twin is None or twin.name in present:
             continue
-        twin.type = ir.TensorType(value.dtype or ir.DataType.FLOAT)
-        copy.graph.outputs.append(twin)
+        copy.graph.outputs.append(twin)  # untyped: onnxruntime infers it
         present.add(twin.name)
     with runtime.model_file(copy) as path:
         session = runtime.make_session(path, provider=provider, optimize=False)
@@ -151,8 +150,9 @@ def calibrate(model: ir.Model, inputs: Mapping[str, np.ndarray], sites: Sequence
     accumulators = [_Accumulator(site) for site in sites]
     for feeds, outputs in run_model(model, inputs, extra=[s.x for s in sites], provider=provider):
         for acc in accumulators:
-            name = acc.site.x.name
-            acc.add(feeds[name] if name in feeds else outputs[name])
+            x = acc.site.x
+            acc.add(feeds[x.name] if x.name in feeds else outputs[x.name] if x.name in outputs
+                    else np.broadcast_to(x.const_value.numpy(), (1, *x.const_value.shape)))  # a constant
     return [acc.result() for acc in accumulators]
 
 
