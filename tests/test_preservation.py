@@ -18,12 +18,19 @@ data file of its own name (`weights.bin`), and converted by the CLI with the def
 - external data: the output's tensors live in `MODEL.normfold.onnx.data` (never `weights.bin` or another
   input file), inside the output's directory; the input files are byte-identical afterwards;
 - the output verifies against the input (the CLI's own verification passed: exit 0).
+
+A full disk while writing the small outputs (JSON reports, reference files, JUnit: normfold.atomic; the model
+itself is covered in test_io.py): a write that fails half-way leaves no partial file, an existing file as it
+was, and the input untouched, with one error line (simulated ENOSPC; a real EFBIG from RLIMIT_FSIZE in a child).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +42,12 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from normfold import cli, models  # noqa: E402
+from normfold.atomic import write_atomic, write_json  # noqa: E402
+from normfold.errors import InputError  # noqa: E402
 from normfold.detect import find_sites  # noqa: E402
 from normfold.io import PROVENANCE_KEY, from_proto  # noqa: E402
 
-from io_builders import all_tensor_protos, external_locations  # noqa: E402
+from io_builders import add_model, all_tensor_protos, external_locations, listing, run_normfold  # noqa: E402
 
 NAMES = list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)
 EXTRA_OPSET = ("com.example.preservation", 1)
@@ -172,3 +181,50 @@ def test_folded_graph_output_keeps_its_type(tmp_path):
     assert report.applied == 1
     normfold.save(model, tmp_path / "out.onnx")
     assert io_signature(onnx.load(tmp_path / "out.onnx").graph.output) == io_signature(original.graph.output)
+
+
+# -- a full disk while writing reports and reference files -------------------------------------------------
+def _half_then_enospc(f):
+    f.write(b'{"partial": ')
+    f.flush()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new", "replacing"])
+def test_a_write_failing_half_way_leaves_no_partial_file(tmp_path, previous):
+    path = tmp_path / "report.json"
+    if previous:
+        write_json(path, {"old": True})
+    before = {p.name: sha(p) for p in tmp_path.iterdir()}
+    with pytest.raises(InputError) as info:
+        write_atomic(path, _half_then_enospc, what="JSON report")
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message and "nothing written" in message
+    assert {p.name: sha(p) for p in tmp_path.iterdir()} == before  # no temporary file left either
+    if previous:
+        assert json.loads(path.read_text()) == {"old": True}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE behaviour is Linux's")
+@pytest.mark.parametrize("output", ["--save-reference", "--junit", "--report"])
+def test_cli_outputs_past_the_file_size_limit_leave_nothing(tmp_path, output):
+    """A real write failure half-way (EFBIG): `verify` writing a reference file, a JUnit or a JSON report
+    bigger than the process may write."""
+    import resource
+
+    model = tmp_path / "m.onnx"
+    onnx.save(add_model(shape=(64, 64)), model)  # inputs and outputs: 2 x 16 KB
+    name = {"--save-reference": "ref.npz", "--junit": "junit.xml", "--report": "report.json"}[output]
+    args = ["verify", model] + ([] if output == "--save-reference" else [model]) + [output, tmp_path / name]
+    limit = {"--save-reference": 8192, "--junit": 64, "--report": 64}[output]
+    before = listing(tmp_path)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = run_normfold(*args, preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normfold: error:") and "cannot write" in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert listing(tmp_path) == before
