@@ -20,7 +20,8 @@ calibrated one; `convert` reports the drift on the calibration set instead of an
 
 Refused, with the reason: a Post-LN model (every LayerNorm: removal is defined for Pre-LN
 transformers), a LayerNorm whose intermediates are used elsewhere, over more than the last axis,
-with a non-constant gamma/beta, or whose input has zero std on the calibration data.
+with a non-constant gamma/beta, whose input has zero std on the calibration data, or whose FakeLN
+constants overflow the model's dtype (fp16).
 """
 
 from __future__ import annotations
@@ -113,15 +114,18 @@ class RemoveLayerNorm(NormPass):
 
     def _remove(self, site: NormSite, stats: LayerStats, model: ir.Model, *, centred: bool) -> ir.Value:
         """Replaces the site by FakeLN folded into its readers; `centred`: its input is zero-mean already.
-        Returns the value that now stands for the site's output."""
+        Returns the value that now stands for the site's output (its own if it refuses: fp16 overflow)."""
         x = site.refresh_input()
         dtype = (x.dtype or ir.DataType.FLOAT).numpy()
         gamma, beta = (_array(v, model) for v in (site.gamma, site.beta))
         width = _width(site, gamma, beta)
         scale = (np.ones(width) if gamma is None else gamma) / stats.sigma
         per_position = self._position_factor(site, stats)
-        factor = _cast(scale if per_position is None else per_position * scale, dtype)
-        shift = None if beta is None else _cast(beta, dtype)
+        factor = cast_finite(scale if per_position is None else per_position * scale, dtype)
+        shift = None if beta is None else cast_finite(beta, dtype)
+        if factor is None or (beta is not None and shift is None):
+            self.skip(site.nodes[0], f"its FakeLN constants overflow {np.dtype(dtype).name}")
+            return site.y
         emitter = Emitter(model, site.nodes[-1], self.target)
         try:
             edits = [self._fold(reader, scale, beta, centred, model) for reader in linear_readers(site.y, model)]
@@ -206,10 +210,3 @@ def _width(site: NormSite, gamma, beta) -> int:
         if array is not None:
             return array.size
     return site.x.shape[-1]
-
-
-def _cast(array: np.ndarray, dtype) -> np.ndarray:
-    cast = cast_finite(array, dtype)
-    if cast is None:
-        raise InputError(f"a FakeLN constant overflows {np.dtype(dtype).name}")
-    return cast
