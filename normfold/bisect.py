@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from normfold import io, runtime
+from normfold import io, provider_tolerances, runtime
 from normfold.errors import InputError
 from normfold.verification import OutputCheck, compare, make_inputs
 
@@ -118,6 +118,8 @@ def bisect(
                 if value.name in cand_producers:
                     names.append(value.name)
     per_output = dict(tolerances or {})
+    choice = provider_tolerances.for_verification(runtime.select_provider(provider))
+    precision = provider_tolerances.precision(choice)
 
     checks: dict[str, OutputCheck] = {}
     skipped: list[dict[str, str]] = []
@@ -130,7 +132,7 @@ def bisect(
                 feeds = make_inputs(ref_session, ref_model, user_inputs=inputs, shapes=shapes, seed=seed)
             ref_values = _run_named(ref_session, chunk, feeds, "reference")
         with _marked_outputs(cand_model, chunk) as cand_path:
-            cand_session = runtime.make_session(cand_path, provider=provider, optimize=True)
+            cand_session = runtime.make_session(cand_path, provider=choice, optimize=True)
             cand_values = _run_named(cand_session, chunk, feeds, "candidate")
         for name, ref, cand in zip(chunk, ref_values, cand_values):
             reason = _incomparable(ref, cand)
@@ -138,7 +140,8 @@ def bisect(
                 skipped.append({"name": name, "reason": reason})
                 continue
             a, r = per_output.get(name, (atol, rtol))
-            checks[name] = compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tolerance_class)
+            checks[name] = compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tolerance_class,
+                                   precision=precision)
         del ref_values, cand_values
 
     output_names = [v.name for v in ref_model.graph.outputs]

@@ -119,7 +119,8 @@ def convert(
     `target` picks the form of emitted norm ops (normfold.emit). `calibration` (input name -> array with a
     leading sample dim) feeds the passes that need it (remove-layernorm); when an approximate pass applied,
     the report's verification is the drift on it (normfold.drift) instead of an equivalence check.
-    `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider, seed).
+    `verify_options` go to normfold.verification.verify (inputs, shapes, atol, rtol, provider,
+    provider_options, allow_fallback, seed).
     Raises VerificationError, with `.report`, when the result is not equivalent.
     """
     timings: dict[str, float] = {}

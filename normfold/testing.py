@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from normfold import io, runtime, verification
+from normfold import io, provider_tolerances, runtime, verification
 from normfold.errors import InputError
 from normfold.reference import ReferenceData
 from normfold.verification import VerificationResult, compare, make_inputs, resolve_tolerances
@@ -154,8 +154,9 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _run_onnx(model: ir.Model | str | os.PathLike, feeds, *, reference: bool, provider: str):
-    """(output names, outputs) of an ONNX model: as a reference (CPU, no optimizations) or a candidate."""
+def _run_onnx(model: ir.Model | str | os.PathLike, feeds, *, reference: bool, provider):
+    """(output names, outputs) of an ONNX model: as a reference (CPU, no optimizations) or a candidate
+    (`provider`, a runtime.ProviderChoice)."""
     if not isinstance(model, ir.Model):
         io.load(model)
     with runtime.model_file(model) as path:
@@ -207,6 +208,7 @@ def _check_with_torch(reference, candidate, inputs, *, atol, rtol, provider, tol
         order = [n for n in names if n in feeds] + [n for n in feeds if n not in names]
         feeds = {n: feeds[n] for n in order}
 
+    choice = provider_tolerances.for_verification(runtime.select_provider(provider))
     results = []
     for obj, which in sides:
         if _is_torch_module(obj):
@@ -214,7 +216,7 @@ def _check_with_torch(reference, candidate, inputs, *, atol, rtol, provider, tol
         elif _is_reference_file(obj):
             results.append((list(stored.outputs), list(stored.outputs.values())))
         else:
-            results.append(_run_onnx(obj, feeds, reference=which == "reference", provider=provider))
+            results.append(_run_onnx(obj, feeds, reference=which == "reference", provider=choice))
     (ref_names, ref_outputs), (cand_names, cand_outputs) = results
     if len(ref_outputs) != len(cand_outputs):
         raise AssertionError(f"the reference has {len(ref_outputs)} outputs, the candidate {len(cand_outputs)}")
@@ -227,9 +229,10 @@ def _check_with_torch(reference, candidate, inputs, *, atol, rtol, provider, tol
     checks = []
     for name, ref, cand in zip(out_names, ref_outputs, cand_outputs):
         a, r = per_output.get(name, (atol, rtol))
-        checks.append(compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tclass))
+        checks.append(compare(name, ref, cand, atol=a, rtol=r, tolerance_class=tclass,
+                              precision=provider_tolerances.precision(choice)))
     return VerificationResult(
-        passed=all(c.passed for c in checks), outputs=checks, provider=provider,
+        passed=all(c.passed for c in checks), outputs=checks, provider=choice.used,
         seed=stored.seed if stored is not None else seed,
         input_shapes={k: list(np.shape(v)) for k, v in feeds.items()}, tolerance_class=tclass,
     )

@@ -88,7 +88,7 @@ def test_passes_lists_every_pass(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [
         ["fold-batchnorm", "exact"], ["layernorm-to-rmsnorm", "exact"], ["layernorm-to-crmsnorm", "exact"],
-        ["emit-rmsnorm", "exact"], ["fold-norm-affine", "exact"]]
+        ["emit-rmsnorm", "exact"], ["fold-norm-affine", "exact"], ["remove-layernorm", "approximate"]]
 
 
 def test_inspect_text_and_json(model_path, capsys):
@@ -117,8 +117,9 @@ def test_bench_prints_a_table_and_json(model_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["model", "session"] and len(lines) == 3
     assert main(["bench", str(model_path), "--repeats", "2", "--json"]) == 0
-    (result,) = json.loads(capsys.readouterr().out)
-    assert result["median_ms"] > 0 and result["repeats"] == 2
+    data = json.loads(capsys.readouterr().out)
+    (result,) = data["models"]
+    assert data["schema"] == "normfold.bench/1" and result["median_ms"] > 0 and result["repeats"] == 2
 
 
 @pytest.mark.parametrize("shape", ["x", "x=", "=1,2", "x=1,a", "x=-1"])
