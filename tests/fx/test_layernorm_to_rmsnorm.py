@@ -1,0 +1,163 @@
+"""FX layernorm-to-rmsnorm: Pre-LN zoo models become Pre-RMSNorm, equivalent; Post-LN is refused."""
+
+import copy
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from torch import fx, nn  # noqa: E402
+
+from normfold.fx import layernorm_to_rmsnorm as rms  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+import transformer_cases as tc  # noqa: E402
+
+PRE_LN = ["gpt2_tied", "vit", "opt", "bloom", "gpt_neox", "tiny_gpt"]
+LAYERNORMS = {"gpt2_tied": 5, "vit": 5, "opt": 5, "bloom": 6, "gpt_neox": 5, "tiny_gpt": 5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", PRE_LN)
+def test_pre_ln_models_become_rmsnorm(name, dtype):
+    model = tc.build(name, dtype)
+    args = tc.inputs(name, dtype)
+    before = tc.state(model)
+    gm = tc.export(model, args)
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == LAYERNORMS[name]
+    assert report.skipped == []
+    assert tc.norm_count(gm, "LayerNorm") == 0
+    assert len(tc.modules_of(gm, nn.RMSNorm)) == LAYERNORMS[name]
+    tc.assert_equivalent(model, gm, args)
+    after = tc.state(model)  # the captured module is rewritten, never the original
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", ["gpt2_tied", "opt", "bloom", "gpt_neox", "tiny_gpt", "vit"])
+def test_stream_shifted_by_100(name, dtype):
+    """Embedding tables (ViT: the images) shifted by +100: a stream far from zero-mean."""
+    model = tc.build(name, dtype, shift=0.0 if name == "vit" else 100.0)
+    args = tc.inputs(name, dtype, shift=100.0 if name == "vit" else 0.0)
+    gm = tc.export(model, args)
+    assert tc.run_pass(rms, gm, args)[0] == LAYERNORMS[name]
+    tc.assert_equivalent(model, gm, args)
+
+
+def test_writers_recentred_and_tied_head_untied():
+    model = tc.build("gpt2_tied")
+    args = tc.inputs("gpt2_tied")
+    gm = tc.export(model, args)
+    tc.run_pass(rms, gm, args)
+    embeddings = [n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default]
+    head = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    for node in embeddings:
+        table = getattr(gm.get_submodule(node.args[0].target.rpartition(".")[0]), node.args[0].target.rpartition(".")[2])
+        assert table.mean(dim=-1).abs().max() < 1e-12
+    head_weight = gm.get_parameter(head.args[1].target)
+    assert torch.equal(head_weight, model.model.lm_head.weight)  # the logits still see the original table
+    assert head.args[1] is not embeddings[0].args[0]
+    gamma_paths = [n for n, m in gm.named_modules() if isinstance(m, nn.RMSNorm)]
+    assert "model.transformer.ln_f" in gamma_paths  # state-dict names kept: ln_f.weight, ln_f.bias
+    assert torch.equal(gm.get_parameter("model.transformer.ln_f.bias"), model.model.transformer.ln_f.bias)
+
+
+def test_bloom_embedding_norm_output_centred_explicitly():
+    """BLOOM's word_embeddings_layernorm output starts the residual stream: it becomes an RMSNorm
+    of the recentred table, followed by an explicit x - mean(x) (its gamma/beta make it non-zero-mean)."""
+    model = tc.build("bloom")
+    args = tc.inputs("bloom")
+    gm = tc.export(model, args)
+    tc.run_pass(rms, gm, args)
+    means = [n for n in gm.graph.nodes if n.target is torch.mean]
+    assert len(means) == 1
+    tc.assert_equivalent(model, gm, args)
+
+
+def test_post_ln_bert_refused_unchanged():
+    model = tc.build("bert_post_ln")
+    args = tc.inputs("bert_post_ln")
+    gm = tc.export(model, args)
+    code = gm.code
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == 0
+    assert gm.code == code
+    reasons = {s.node.split(" ")[0]: s.reason for s in report.skipped}
+    assert len(reasons) == 6
+    for node, reason in reasons.items():
+        if node.startswith("model.bert"):
+            assert reason.startswith("Post-LN"), (node, reason)
+    assert "explicit op" in reasons["model.cls.predictions.transform.LayerNorm"]
+    with torch.no_grad():
+        assert torch.equal(model(*args), gm(*args))
+
+
+def test_rmsnorm_model_has_nothing_to_convert():
+    model = tc.build("llama")
+    args = tc.inputs("llama")
+    gm = tc.export(model, args)
+    assert tc.run_pass(rms, gm, args) == (0, tc.run_pass(rms, gm, args)[1])
+    assert tc.run_pass(rms, gm, args)[1].skipped == []
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_symbolic_trace_graph(tied):
+    model, gm, args = tc.traced_case(tied=tied)
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == 3 and report.skipped == []
+    assert [type(gm.get_submodule(p)) for p in ("lns.0", "lns.1", "ln_f")] == [nn.RMSNorm] * 3
+    assert gm.get_submodule("ln_f").eps == 1e-6
+    assert gm.get_submodule("wte").weight.mean(-1).abs().max() < 1e-12
+    assert torch.equal(gm.get_submodule("head").weight, model.head.weight)
+    assert gm.get_submodule("wte").weight is not gm.get_submodule("head").weight
+    tc.assert_equivalent(model, gm, args)
+
+
+def test_stream_read_by_a_mean_sensitive_op_is_refused():
+    """The stream is also returned by the module: its mean is observable, nothing changes."""
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tc.TracedPreLN(tied=False)
+
+        def forward(self, ids):
+            x = self.inner.wte(ids) + self.inner.wpe
+            return self.inner.head(self.inner.ln_f(x)), x * 2.0
+
+    model = Leaky().double()
+    args = tc.traced_case()[2]
+    gm = fx.symbolic_trace(model)
+    code = gm.code
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == 0 and gm.code == code
+    assert len(report.skipped) == 1
+    assert "also read by mul" in report.skipped[0].reason
+
+
+def test_an_explicitly_centred_chain_is_refused():
+    """Every block's output is a LayerNorm output written into the next residual sum (Post-LN
+    spelled by hand): no exact conversion without a centring op per layer, model unchanged."""
+
+    class PostLN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fcs = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.lns = nn.ModuleList(nn.LayerNorm(8) for _ in range(3))
+
+        def forward(self, x):
+            for fc, ln in zip(self.fcs, self.lns):
+                x = ln(x + fc(x))
+            return x
+
+    model = PostLN().double()
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    args = (torch.randn(2, 4, 8, dtype=torch.float64),)
+    code = gm.code
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == 0 and gm.code == code
+    assert len(report.skipped) == 3
+    assert all(s.reason.startswith("Post-LN") or "module output" in s.reason for s in report.skipped)
