@@ -68,7 +68,7 @@ class RemoveLayerNorm(NormPass):
         self.position0 = position0
         self.provider = provider
         self.stats: list[LayerStats] = []
-        """The calibration of the LayerNorms removed (or looked at) in the last run, for the report."""
+        """The calibration of every LayerNorm measured (the latest measurement of each), for the report."""
 
     def rewrite(self, model: ir.Model) -> None:
         sites = [s for s in find_sites(model) if s.kind == "LayerNorm"]
@@ -81,18 +81,19 @@ class RemoveLayerNorm(NormPass):
             for site in sites:
                 self.skip(site.nodes[0], f"Post-LN model, LayerNorm removal needs a Pre-LN transformer ({post_ln})")
             return
-        if self.calibration is None:  # analysis only (normfold inspect): say what would be refused
-            for site in sites:
-                self._removable(site, None, model)
+        candidates = [site for site in sites if self._removable(site, model)]
+        if not candidates or self.calibration is None:  # no calibration: analysis only (normfold inspect)
             return
-        self.stats = calibrate(model, self.calibration, sites, provider=self.provider)
-        stats = {id(site.nodes[0]): st for site, st in zip(sites, self.stats)}
+        measured = calibrate(model, self.calibration, candidates, provider=self.provider)
+        names = {st.name for st in measured}
+        self.stats = [st for st in self.stats if st.name not in names] + measured
+        stats = {id(site.nodes[0]): st for site, st in zip(candidates, measured) if self._measured(site, st)}
         moved: dict[int, ir.Value] = {}
         done: set[int] = set()
         for stream in streams:
             if id(stream) not in plans:
                 continue
-            removable = [site for site in stream.readers if self._removable(site, stats[id(site.nodes[0])], model)]
+            removable = [site for site in stream.readers if id(site.nodes[0]) in stats]
             done.update(id(site.nodes[0]) for site in stream.readers)
             if not removable:
                 continue
@@ -102,15 +103,22 @@ class RemoveLayerNorm(NormPass):
             for site in removable:
                 moved[id(site.y)] = self._remove(site, stats[id(site.nodes[0])], model, centred=True)
         for site in sites:
-            if id(site.nodes[0]) not in done and self._removable(site, stats[id(site.nodes[0])], model):
+            if id(site.nodes[0]) not in done and id(site.nodes[0]) in stats:
                 self._remove(site, stats[id(site.nodes[0])], model, centred=False)
 
-    def _removable(self, site: NormSite, stats: LayerStats | None, model: ir.Model) -> bool:
-        """True when the site can be replaced; else records why not."""
-        reason = site.escaping_intermediate() or _why_not(site, stats, model)
+    def _removable(self, site: NormSite, model: ir.Model) -> bool:
+        """True when the site's structure allows replacing it; else records why not."""
+        reason = site.escaping_intermediate() or _why_not(site, model)
         if reason:
             self.skip(site.nodes[0], reason)
         return not reason
+
+    def _measured(self, site: NormSite, stats: LayerStats) -> bool:
+        """True when the calibration gave the site a usable sigma; else records why not."""
+        if np.isfinite(stats.sigma) and stats.sigma > 0:
+            return True
+        self.skip(site.nodes[0], f"its input has std {stats.sigma:.3g} on the calibration data")
+        return False
 
     def _remove(self, site: NormSite, stats: LayerStats, model: ir.Model, *, centred: bool) -> ir.Value:
         """Replaces the site by FakeLN folded into its readers; `centred`: its input is zero-mean already.
@@ -187,7 +195,7 @@ class RemoveLayerNorm(NormPass):
         return factor
 
 
-def _why_not(site: NormSite, stats: LayerStats | None, model: ir.Model) -> str:
+def _why_not(site: NormSite, model: ir.Model) -> str:
     rank = len(site.x.shape) if site.x.shape is not None else None
     if site.axis not in (-1,) and (rank is None or site.axis != rank - 1):
         return f"it normalizes over axes {site.axis}, not the last axis only"
@@ -196,8 +204,6 @@ def _why_not(site: NormSite, stats: LayerStats | None, model: ir.Model) -> str:
             return f"its {role} is not constant"
     if site.spelling.startswith("com.microsoft.Skip"):
         return "removing a SkipLayerNormalization is not supported"
-    if stats is not None and not (np.isfinite(stats.sigma) and stats.sigma > 0):
-        return f"its input has std {stats.sigma:.3g} on the calibration data"
     return ""
 
 

@@ -36,7 +36,7 @@ STD_MATH = ("Sqrt", "Div", "Reciprocal", "Pow")
 
 
 def layer_graph(*, writer: str = "matmul", reader: str = "matmul", spelling: str = "fused", leak: bool = False,
-                gamma_input: bool = False) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+                gamma_input: bool = False, eps: float = EPS) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     """x (BATCH, SEQ, D) -> h (x W0 + b0, or x itself) -> LN(h) -> y W1 + b1 (or Relu(y)).
 
     `leak`: the decomposed LN's centred value is also a graph output; `gamma_input`: gamma is computed
@@ -47,7 +47,7 @@ def layer_graph(*, writer: str = "matmul", reader: str = "matmul", spelling: str
     arrays = {"W0": w0, "b0": b0, "W1": rng.standard_normal((D, 3)).astype(np.float32),
               "b1": rng.standard_normal(3).astype(np.float32), "gamma": rng.uniform(0.5, 1.5, D).astype(np.float32),
               "beta": rng.standard_normal(D).astype(np.float32), "two": np.array(2.0, np.float32),
-              "eps": np.array(EPS, np.float32)}
+              "eps": np.array(eps, np.float32)}
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, SEQ, D])]
     nodes = []
     if gamma_input:
@@ -57,7 +57,7 @@ def layer_graph(*, writer: str = "matmul", reader: str = "matmul", spelling: str
         nodes += [helper.make_node("MatMul", ["x", "W0"], ["xw"]), helper.make_node("Add", ["xw", "b0"], ["h"])]
     h = "h" if writer == "matmul" else "x"
     if spelling == "fused":
-        nodes.append(helper.make_node("LayerNormalization", [h, "gamma", "beta"], ["y"], axis=-1, epsilon=EPS))
+        nodes.append(helper.make_node("LayerNormalization", [h, "gamma", "beta"], ["y"], axis=-1, epsilon=eps))
     else:
         nodes += [helper.make_node("ReduceMean", [h], ["mu"], axes=[-1]), helper.make_node("Sub", [h, "mu"], ["dev"]),
                   helper.make_node("Pow", ["dev", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
@@ -159,6 +159,31 @@ def test_refusals_leave_the_model_unchanged_with_reasons():
         assert report.passes[0].applied == 0 and report.verification is None
         assert report.ops_after == report.ops_before
         assert words in report.passes[0].skipped[0].reason
+
+
+def test_fp16_constants_that_overflow_are_refused():
+    """gamma 6e4 over a sigma of 0.25: neither the folded weights nor a Mul constant fit in float16."""
+    proto, w0, b0 = layer_graph(reader="relu")
+    half = onnx.ModelProto()
+    half.CopyFrom(proto)
+    for init in half.graph.initializer:
+        array = numpy_helper.to_array(init)
+        scaled = np.full_like(array, 6e4) if init.name == "gamma" else array
+        init.CopyFrom(numpy_helper.from_array(scaled.astype(np.float16), init.name))
+    for value in [*half.graph.input, *half.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = inputs_with_std(2, 1, w0, b0) / 6.0
+    model, report = remove(half, {"x": x.astype(np.float16)})
+    assert report.passes[0].applied == 0 and report.ops_after == report.ops_before
+    assert report.passes[0].skipped[0].reason == "its FakeLN constants overflow float16"
+
+
+def test_zero_std_on_the_calibration_data_is_refused():
+    proto, _, _ = layer_graph(writer="input", eps=0.0)
+    constant_tokens = np.broadcast_to(np.arange(SEQ, dtype=np.float32)[None, :, None], (2, SEQ, D))
+    model, report = remove(proto, {"x": constant_tokens})
+    assert report.passes[0].applied == 0 and report.ops_after == report.ops_before
+    assert report.passes[0].skipped[0].reason == "its input has std 0 on the calibration data"
 
 
 def test_post_ln_model_is_refused_with_the_reason():
