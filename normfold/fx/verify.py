@@ -1,7 +1,8 @@
 """Equivalence of two torch modules on the same inputs, with the tolerances of normfold.verification.
 
 Both modules run on copies cast to `dtype` (float64 by default: folding is exact up to rounding, so
-any difference above float64 rounding is a bug); floating-point inputs are cast likewise. Every
+any difference above float64 rounding is a bug); floating-point inputs are cast likewise, and so are
+the dtypes an FX graph spells out (see cast_copy). Every
 tensor leaf of the outputs (nested tuples, dicts, transformers ModelOutput) is compared with
 normfold.verification.compare: |cand - ref| <= atol * max(1, rms(ref)) + rtol * |ref|, (rtol, atol)
 from REFERENCE.md's table for the output dtype and `tolerance_class` ("fold" or "renorm").
@@ -63,11 +64,29 @@ def _cast(x, dtype):
     return x
 
 
+def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `module` computing in `dtype`: floating parameters, buffers and tensor constants cast,
+    and in FX graphs every floating dtype argument (a torch.export graph's `_to_copy(dtype=float32)`,
+    `_assert_tensor_metadata`, `full(..., dtype=...)`) replaced by `dtype`: the same program, in `dtype`."""
+    with warnings.catch_warnings():  # torch.export modules warn of a deprecated pytree spec when copied
+        warnings.simplefilter("ignore", FutureWarning)
+        module = copy.deepcopy(module).to(dtype)
+    for sub in module.modules():
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(sub, name, value.to(dtype))
+        if isinstance(sub, torch.fx.GraphModule):
+            retarget = lambda a: dtype if isinstance(a, torch.dtype) and a.is_floating_point else a  # noqa: E731
+            for node in sub.graph.nodes:
+                node.args = torch.fx.node.map_aggregate(node.args, retarget)
+                node.kwargs = torch.fx.node.map_aggregate(node.kwargs, retarget)
+            sub.recompile()
+    return module
+
+
 def _run(module: torch.nn.Module, inputs: tuple, dtype, label: str):
     if dtype is not None:
-        with warnings.catch_warnings():  # torch.export modules warn of a deprecated pytree spec when copied
-            warnings.simplefilter("ignore", FutureWarning)
-            module = copy.deepcopy(module).to(dtype)
+        module = cast_copy(module, dtype)
     with torch.no_grad():
         try:
             return module(*inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -177,3 +178,28 @@ def test_report_counts_ops_and_serialises(fx_check):
 def test_importing_normfold_does_not_import_torch():
     code = "import sys, normfold, normfold.cli, normfold.pipeline; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class ExplicitFloat32(nn.Module):
+    """Spells float32 out: a torch.export graph then bakes it in (_to_copy, full)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.linear(x).to(torch.float32)
+        return h + torch.full((3,), 0.5, dtype=torch.float32)
+
+
+def test_verify_module_runs_an_exported_graph_in_float64():
+    module = ExplicitFloat32()
+    inputs = (torch.randn(2, 3),)
+    gm = capture(module, inputs, "export").gm
+    cast = nfx.verify.cast_copy(gm, torch.float64)
+    with torch.no_grad():
+        assert cast(inputs[0].double()).dtype == torch.float64
+    assert gm.linear.weight.dtype == torch.float32  # the copy is cast, not gm
+    assert nfx.verify_module(module, gm, inputs).passed  # the original module's own .to(float32) stays
+    result = nfx.verify_module(gm, copy.deepcopy(gm), inputs)
+    assert result.passed and result.outputs[0].dtype == "float64"
