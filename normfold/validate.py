@@ -8,8 +8,9 @@ Two layers, both answering with one line that names the problem:
   graph and function) must have non-negative dims, a known data type and exactly the data its shape
   needs, so an initializer declaring dims like 2**40 without the bytes to match is refused here.
 - `validate_model` runs on the onnx-ir model: an ir_version outside what the installed onnx knows, a
-  missing or out-of-range default-domain opset, values that are used but never defined (in any
-  scope), cycles, and initializers whose stored bytes do not match their declared shape.
+  missing or out-of-range default-domain opset, a node of a domain the model (or its function) does not
+  import, values that are used but never defined (in any scope), cycles, and initializers whose stored
+  bytes do not match their declared shape.
 """
 
 from __future__ import annotations
@@ -196,9 +197,22 @@ def validate_model(model: ir.Model, *, name: str, check_tensors: bool = True) ->
         raise InputError(f"{name}: opset {opset} is too old (need >= {MIN_OPSET})")
     for graph in model.graphs():
         _check_defined(graph, name)
+        _check_domains(graph, model.opset_imports, name)
         if check_tensors:
             _check_initializer_sizes(graph, name)
+    for function in model.functions.values():
+        _check_domains(function, function.opset_imports or model.opset_imports, name)
     _check_acyclic(model.graph, name)
+
+
+def _check_domains(nodes, imports, name: str) -> None:
+    """Every node's domain is imported (onnxruntime and onnx's checker refuse the model otherwise)."""
+    imported = {"" if d == "ai.onnx" else d for d in imports}
+    for node in nodes:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain not in imported:
+            raise InputError(f"{name}: node {node.name or node.op_type!r} is of domain {node.domain!r}, "
+                             "which the model does not import (no opset_import entry)")
 
 
 def _check_defined(graph: ir.Graph, name: str) -> None:

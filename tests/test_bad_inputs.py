@@ -142,6 +142,11 @@ def _broken(case: str, d: Path) -> Path:
             model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
         elif case == "huge-dims":
             model = _with_initializer(_tensor("W", TensorProto.FLOAT, [2**20, 2**20]))
+        elif case == "overflowing-dims":  # the product of the dims overflows int64
+            model = _with_initializer(_tensor("W", TensorProto.FLOAT, [2**62, 2**62, 4]))
+        elif case == "unknown-domain":  # a node of a domain with no opset_import entry
+            model.graph.node.append(helper.make_node("Foo", ["y"], ["z"], name="foo", domain="com.unknown"))
+            model.graph.output[0].name = "z"
         elif case == "huge-dims-raw":
             model = _with_initializer(_tensor("W", TensorProto.FLOAT, [2**40], raw=b"\0" * 24))
         elif case == "negative-dims":
@@ -196,6 +201,8 @@ CORPUS = {  # case -> a word the error line must contain
     "raw-data-mismatch": "20 bytes",
     "huge-dims": "holds 0 values",
     "huge-dims-raw": "holds 24 bytes",
+    "overflowing-dims": "holds 0 values",
+    "unknown-domain": "'com.unknown'",
     "negative-dims": "negative dims",
     "typed-data-count": "holds 5 values",
     "unknown-dtype": "data type",
@@ -277,6 +284,25 @@ def test_installed_command_prints_no_traceback(tmp_path, good, case, command):
     _one_error_line(result.stderr, CORPUS[case])
     assert result.stdout == ""
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["convert", "verify"])
+def test_an_op_onnxruntime_does_not_know_is_refused_by_commands_that_run_the_model(tmp_path, capsys, command):
+    """A node of an imported custom domain with no implementation: inspect lists the model's sites, but
+    convert (which verifies) and verify cannot run it: exit 2, one line, nothing written."""
+    model = conv_bn_model()
+    model.graph.node.append(helper.make_node("Foo", ["y"], ["z"], name="foo", domain="com.unknown"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(helper.make_opsetid("com.unknown", 1))
+    path = _write(tmp_path / "m.onnx", model)
+    before = listing(tmp_path)
+    argv = {"convert": ["convert", str(path), "--shape", "x=1,3,8,8", "--shape", "k=2"],
+            "verify": ["verify", str(path), str(path), "--shape", "x=1,3,8,8", "--shape", "k=2"]}[command]
+    assert cli.main(argv) == 2
+    _one_error_line(capsys.readouterr().err, "com.unknown:Foo")
+    assert listing(tmp_path) == before
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "BatchNormalization" in capsys.readouterr().out
 
 
 def test_initializer_that_is_a_graph_output_converts(tmp_path, capsys):
