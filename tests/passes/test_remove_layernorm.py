@@ -23,6 +23,7 @@ from normfold.cli import main
 from normfold.detect import find_sites, inspect
 from normfold.errors import InputError
 from normfold.passes import RemoveLayerNorm
+from normfold.passes.remove_layernorm import OWN_SCALE_RATIO
 from normfold.pipeline import convert
 from normfold.report import op_counts
 from normfold.verification import compare, verify
@@ -228,11 +229,17 @@ def test_convert_needs_approximate_and_calibration():
 # --------------------------------------------------------------------------- exported transformers
 
 
-def fake_ln_reference(path, stats) -> onnx.ModelProto:
+def fake_ln_reference(path, stats, position0: str) -> onnx.ModelProto:
     """The exported model with each LayerNormalization replaced by its explicit FakeLN:
-    (x - ReduceMean(x)) * (1 / sigma) * gamma + beta, the unfolded form of what the pass folds."""
+    (x - ReduceMean(x)) * (1 / sigma) * gamma + beta, the unfolded form of what the pass folds; with
+    position0="separate", 1 / sigma is a (seq, 1) column [1 / sigma_0, 1 / sigma, ...] where they differ."""
     proto = onnx.load(path)
-    sigma = {s.name: s.sigma for s in stats}
+    sigma = {}
+    for st in stats:
+        sigma[st.name] = np.array(1 / st.sigma, np.float32)
+        if position0 == "separate" and abs(st.sigma / st.sigma_first - 1) > OWN_SCALE_RATIO:
+            sigma[st.name] = np.full((8, 1), 1 / st.sigma, np.float32)
+            sigma[st.name][0] = 1 / st.sigma_first
     axes_input = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
     nodes = []
     for node in proto.graph.node:
@@ -241,7 +248,7 @@ def fake_ln_reference(path, stats) -> onnx.ModelProto:
             continue
         x, scale, *bias = node.input
         name, y = node.name, node.output[0]
-        consts = {f"{name}_axes": np.array([-1], np.int64), f"{name}_inv": np.array(1 / sigma[name], np.float32)}
+        consts = {f"{name}_axes": np.array([-1], np.int64), f"{name}_inv": sigma[name]}
         proto.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in consts.items())
         mean = (helper.make_node("ReduceMean", [x, f"{name}_axes"], [f"{name}_mu"]) if axes_input
                 else helper.make_node("ReduceMean", [x], [f"{name}_mu"], axes=[-1]))
@@ -274,13 +281,16 @@ def token_ids(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"input": np.random.default_rng(seed).integers(0, 101, (samples, 8)).astype(np.int64)}
 
 
+@pytest.mark.parametrize("position0", ["shared", "separate"])
 @pytest.mark.parametrize("name", ["tiny_gpt", "gpt2_tied"])
-def test_folded_model_equals_the_explicit_fake_ln_model(exported, name):
+def test_folded_model_equals_the_explicit_fake_ln_model(exported, name, position0):
     path = exported[name, 17]
-    removal = RemoveLayerNorm(calibration=token_ids(8, 0), position0="shared")
+    removal = RemoveLayerNorm(calibration=token_ids(8, 0), position0=position0)
     model, report = convert(path, [removal], approximate=True)
     assert report.passes[0].applied == 5 and find_sites(model) == [] and norm_ops(model, normfold.load(path)) == {}
-    reference = normfold.io.from_proto(fake_ln_reference(path, removal.stats))
+    per_position = [n for n in model.graph if n.name.endswith("/position_scale")]
+    assert len(per_position) == (0 if position0 == "shared" else 5)  # random models: sigma_0 differs everywhere
+    reference = normfold.io.from_proto(fake_ln_reference(path, removal.stats, position0))
     result = verify(reference, model, inputs=token_ids(2, 7), tolerance_class="renorm")
     assert result.passed, result.summary_lines()
 
@@ -334,3 +344,4 @@ def test_cli_end_to_end(exported, tmp_path, capsys):
     assert report["verification"]["drift"]["outputs"][0]["top1_agreement"] > 0.5
     assert "LayerNormalization" not in report["ops_after"]
     assert norm_ops(normfold.load(out), normfold.load(path)) == {} and find_sites(normfold.load(out)) == []
+    onnx.checker.check_model(onnx.load(out), full_check=True)
