@@ -7,7 +7,6 @@ LayerNorm normalizes can be computed in numpy: h = x W0 + b0, sigma(token) = sqr
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
