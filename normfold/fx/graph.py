@@ -73,9 +73,12 @@ def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
 
 
 def node_label(node: torch.fx.Node) -> str:
-    """A name a user finds the node by: the module path it came from, then the node name."""
+    """A name a user finds the node by: the module path it calls or came from, with the module class
+    or the node name in parentheses."""
     if node.op == "call_module":
-        return str(node.target)
+        owner = node.graph.owning_module
+        kind = type(owner.get_submodule(node.target)).__name__ if owner is not None else None
+        return f"{node.target} ({kind})" if kind else str(node.target)
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]

@@ -5,7 +5,8 @@ any difference above float64 rounding is a bug); floating-point inputs are cast 
 the dtypes an FX graph spells out (see cast_copy). Every
 tensor leaf of the outputs (nested tuples, dicts, transformers ModelOutput) is compared with
 normfold.verification.compare: |cand - ref| <= atol * max(1, rms(ref)) + rtol * |ref|, (rtol, atol)
-from REFERENCE.md's table for the output dtype and `tolerance_class` ("fold" or "renorm").
+from REFERENCE.md's table for `tolerance_class` ("fold" or "renorm") and the modules' precision
+(their coarsest parameter dtype: a float16 model checked in float64 still has float16 weights).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def verify_module(
     cand_leaves, cand_spec = pytree.tree_flatten_with_path(cand_out)
     if len(ref_leaves) != len(cand_leaves):
         raise InputError(f"the converted module returns {len(cand_leaves)} values, the original {len(ref_leaves)}")
+    default_rtol, default_atol = TOLERANCES[tolerance_class][precision(original, converted, dtype)]
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
     checks = [
         _check(pytree.keystr(path) or "output", ref, cand, atol=atol, rtol=rtol, tolerance_class=tolerance_class)
         for (path, ref), (_, cand) in zip(ref_leaves, cand_leaves)
@@ -56,6 +60,18 @@ def verify_module(
         input_shapes={f"input_{i}": list(x.shape) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)},
         tolerance_class=tolerance_class,
     )
+
+
+_COARSENESS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def precision(original: torch.nn.Module, converted: torch.nn.Module, dtype: torch.dtype | None) -> str:
+    """The dtype whose tolerances apply: the coarsest of the modules' floating parameters and buffers
+    (folded weights are rounded to it, whatever dtype the check runs in) and of `dtype`."""
+    dtypes = {t.dtype for m in (original, converted) for t in (*m.parameters(), *m.buffers())}
+    dtypes.add(dtype or torch.float32)
+    coarsest = max((d for d in dtypes if d in _COARSENESS), key=_COARSENESS.index)
+    return str(coarsest).removeprefix("torch.")
 
 
 def _cast(x, dtype):

@@ -364,3 +364,28 @@ def test_functional_batch_norm_folds(capture, fx_check):
     gm, report = fold(module, inputs, capture)
     assert report.passes[0].applied == 1 and fx_check.batchnorms(gm) == 0
     fx_check.equivalent(module, gm, inputs)
+
+
+def test_float16_module_folds(fx_check):
+    torch.manual_seed(0)
+    module = randomized(ConvBN(nn.Conv2d(3, 4, 3), 2)).half()
+    inputs = (torch.randn(2, 3, 5, 5).half(),)
+    gm, report = fold(module, inputs)
+    assert report.passes[0].applied == 1 and gm.conv.weight.dtype == torch.float16
+    fx_check.equivalent(module, gm, inputs)
+    result = nfx.verify_module(module, gm, inputs, dtype=None)
+    assert result.passed and result.outputs[0].rtol == 1e-2  # float16 tolerances
+
+
+def test_folded_weights_overflowing_float16_are_refused(fx_check):
+    torch.manual_seed(0)
+    module = ConvBN(nn.Conv2d(3, 4, 3), 2).eval()
+    with torch.no_grad():
+        module.bn.running_var.fill_(1e-10)
+        module.bn.weight.fill_(10.0)
+        module.conv.weight.mul_(1e3)
+    module.bn.eps = 1e-12
+    module = module.half()
+    inputs = (torch.randn(1, 3, 5, 5).half(),)
+    gm, _ = _refused(module, inputs, "symbolic_trace", fx_check, "folded weights of conv (Conv2d) overflow float16")
+    fx_check.unchanged_output(module, gm, inputs)
