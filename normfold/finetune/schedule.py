@@ -40,11 +40,15 @@ class RemovalSchedule:
 
         The start and the final norm's removal keep their published fractions of the run (20/300 and
         104/300); the steps between are shared among the 3 * layers gaps in the published 2:2:3 ratio.
+        A run too short for that removes one norm per step, ending before the last step.
         """
-        start = max(1, round(steps * 20 / PUBLISHED_STEPS))
-        span = max(3 * layers, round(steps * 104 / PUBLISHED_STEPS) - start)
-        unit = max(1, span // (7 * layers))
-        return cls(start=start, gap_mlp=2 * unit, gap_qk=2 * unit, gap_v=3 * unit)
+        start = round(steps * 20 / PUBLISHED_STEPS)
+        unit = (round(steps * 104 / PUBLISHED_STEPS) - start) // (7 * layers)
+        if unit >= 1:
+            return cls(start=start, gap_mlp=2 * unit, gap_qk=2 * unit, gap_v=3 * unit)
+        if steps < 3 * layers + 1:
+            raise ValueError(f"{steps} steps are too few to remove {3 * layers + 1} norms one step apart")
+        return cls(start=min(start, steps - 1 - 3 * layers), gap_mlp=1, gap_qk=1, gap_v=1)
 
     def steps_for(self, sites: list[NormSite]) -> dict[str, int]:
         """Site name -> the step at which it becomes FakeLN (sites in removal order)."""

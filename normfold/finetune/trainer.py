@@ -90,6 +90,11 @@ class Trainer:
         schedule = config.schedule or RemovalSchedule.scaled(config.steps, len(model.transformer.h))
         self.schedule = schedule
         self.removal = schedule.steps_for(self.sites) if config.remove else {}
+        late = {name: when for name, when in self.removal.items() if when >= config.steps}
+        if late:
+            name, when = next(iter(late.items()))
+            raise ValueError(f"the removal schedule removes {name} at step {when}, after the last step "
+                             f"({config.steps - 1}): give more steps or shorter gaps")
         self.rank, self.world = distributed()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.optimizer = config.recipe.optimizer(model)
@@ -158,7 +163,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), config.recipe.grad_clip)
         self.optimizer.step()
         ce_value, aux_value = _mean_over_ranks(torch.stack([ce.detach(), aux.detach()]), self.world).tolist()
-        record = {"step": step, "lr": lr, "ce": ce_value, "aux": aux_value, "removed": due,
+        record = {"step": step, "lr": lr, "ce": ce_value, "aux": aux_value, "local_ce": float(ce.detach()), "removed": due,
                   "fake": sum(norm.is_fake for norm in self.norms.values())}
         self.history.train.append(record)
         self.step += 1
