@@ -13,8 +13,8 @@ A LayerNorm input of rank < 3 has no sequence axis: every token counts towards `
 
 Calibration data is an .npz of arrays keyed by graph input name, each with a leading batch of
 samples (read with allow_pickle=False); it is fed in chunks of the model's batch size when that is
-static, else all at once. Each LayerNorm's input (normfold.detect: fused or decomposed) is exposed as
-an extra graph output of a copy of the model; the model itself is not changed.
+static, else of DYNAMIC_CHUNK samples. Each LayerNorm's input (normfold.detect: fused or
+decomposed) is exposed as an extra graph output of a copy of the model; the model is not changed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from normfold.detect import NormSite, find_sites
 from normfold.errors import InputError
 from normfold.verification import load_inputs
 
+DYNAMIC_CHUNK = 8
+"""Samples per run when the model's batch dim is dynamic (bounds the memory of the outputs)."""
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
@@ -75,7 +77,7 @@ def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def batches(session, inputs: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    """The calibration inputs as feeds for `session`, in chunks of its static batch size.
+    """The calibration inputs as feeds for `session`, in chunks of its static batch size (else DYNAMIC_CHUNK).
 
     Refuses missing or unknown input names, dtypes of another kind, and a sample count that is not a
     multiple of a static batch size."""
@@ -90,8 +92,8 @@ def batches(session, inputs: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.
     feeds = {name: _as_input(name, np.asarray(inputs[name]), meta) for name, meta in metas.items()}
     count = next(iter(feeds.values())).shape[0]
     static = {meta.shape[0] for meta in metas.values() if meta.shape and isinstance(meta.shape[0], int)}
-    size = min(static) if static else count
-    if count % size:
+    size = min(static) if static else min(count, DYNAMIC_CHUNK)
+    if static and count % size:
         raise InputError(f"calibration data has {count} samples, not a multiple of the model's batch size {size}")
     for start in range(0, count, size):
         yield {name: array[start:start + size] for name, array in feeds.items()}
@@ -136,7 +138,8 @@ def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, extra: Seque
             try:
                 arrays = session.run(None, feeds)
             except Exception as exc:  # onnxruntime's own exception types
-                raise InputError(f"onnxruntime failed on the calibration data: {runtime.ort_error_message(exc)}") from None
+                message = runtime.ort_error_message(exc)
+                raise InputError(f"onnxruntime failed on the calibration data: {message}") from None
             yield feeds, dict(zip(names, arrays))
 
 

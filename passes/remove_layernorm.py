@@ -170,7 +170,8 @@ class RemoveLayerNorm(NormPass):
         """The edit folding diag(scale) (and C unless `centred`) and beta into one linear reader."""
         node, weight, axis = reader.node, reader.weight, reader.weight_axis
         if weight.shape[axis] != scale.size:
-            raise NotLinear(f"{node.op_type} {node.name!r} reads {weight.shape[axis]} features, the norm has {scale.size}")
+            raise NotLinear(f"{node.op_type} {node.name!r} reads {weight.shape[axis]} features, "
+                            f"the norm has {scale.size}")
         folded = foldmath.scale_channels(weight, scale, axis=axis)
         if not centred:
             folded = foldmath.recentre(folded, axis=axis)
