@@ -389,3 +389,38 @@ def test_folded_weights_overflowing_float16_are_refused(fx_check):
     inputs = (torch.randn(1, 3, 5, 5).half(),)
     gm, _ = _refused(module, inputs, "symbolic_trace", fx_check, "folded weights of conv (Conv2d) overflow float16")
     fx_check.unchanged_output(module, gm, inputs)
+
+
+class SharedBatchNorm(nn.Module):
+    """One BN module applied after two different convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) * self.bn(self.b(x))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_batchnorm_module_used_twice_folds_into_both_convs(capture, fx_check):
+    torch.manual_seed(0)
+    module = randomized(SharedBatchNorm())
+    inputs = (torch.randn(2, 3, 4, 4),)
+    gm, report = fold(module, inputs, capture)
+    assert report.passes[0].applied == 2 and fx_check.batchnorms(gm) == 0
+    assert not any("running_var" in key for key in gm.state_dict())
+    fx_check.equivalent(module, gm, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_resnet50_folds_every_batchnorm(capture, fx_check):
+    module = build("resnet50")
+    inputs = inputs_of("resnet50")
+    gm, report = fold(module, inputs, capture)
+    assert report.passes[0].applied == len(batchnorms(module)) == 53
+    assert fx_check.batchnorms(gm) == 0
+    fx_check.equivalent(module, gm, inputs)
