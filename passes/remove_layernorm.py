@@ -79,7 +79,8 @@ class RemoveLayerNorm(NormPass):
         post_ln = next((r for r in refusals.values() if r.startswith("Post-LN")), None)
         if post_ln is not None:
             for site in sites:
-                self.skip(site.nodes[0], f"Post-LN model, LayerNorm removal needs a Pre-LN transformer ({post_ln})")
+                self.skip(site.nodes[0], "Post-LN model: LayerNorm removal needs a Pre-LN transformer "
+                                         f"({post_ln.removeprefix('Post-LN: ')})")
             return
         candidates = [site for site in sites if self._removable(site, model)]
         if not candidates or self.calibration is None:  # no calibration: analysis only (normfold inspect)

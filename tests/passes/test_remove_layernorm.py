@@ -195,7 +195,7 @@ def test_post_ln_model_is_refused_with_the_reason():
     model, report = remove(case.model, {"ids": ids})
     skipped = report.passes[0].skipped
     assert report.passes[0].applied == 0 and len(skipped) == case.config.layernorms
-    assert all(s.reason.startswith("Post-LN model, LayerNorm removal needs a Pre-LN transformer") for s in skipped)
+    assert all(s.reason.startswith("Post-LN model: LayerNorm removal needs a Pre-LN transformer (") for s in skipped)
     assert report.ops_after == report.ops_before
 
 
