@@ -122,7 +122,13 @@ class TracedPreLN(nn.Module):
 
 
 def traced_case(dtype: torch.dtype = torch.float64, **kw) -> tuple[nn.Module, fx.GraphModule, tuple]:
-    """(TracedPreLN, its symbolic trace, ids)."""
+    """(TracedPreLN, the symbolic trace of a copy of it, ids): a trace shares the traced module's
+    submodules, so the original would change with it."""
     model = TracedPreLN(**kw).to(dtype)
     ids = torch.randint(0, 23, (3, 5), generator=torch.Generator().manual_seed(1))
-    return model, fx.symbolic_trace(model), (ids,)
+    return model, trace(model), (ids,)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """torch.fx.symbolic_trace of a deep copy of `model` (the passes rewrite the trace's submodules)."""
+    return fx.symbolic_trace(copy.deepcopy(model))
