@@ -50,6 +50,7 @@ class LayerNormToCRMSNorm(NormPass):
         in_streams = {id(site.nodes[0]) for stream in streams for site in stream.readers}
         outside = [(site.nodes[0], why_outside(site)) for site in sites if id(site.nodes[0]) not in in_streams]
         plans, refusals = plan_streams(streams, model, drop_last=True)
+        fallbacks = plan_streams(streams, model)  # planned before any stream's edits, as layernorm-to-rmsnorm does
         moved: dict[int, ir.Value] = {}
         for stream in streams:
             try:
@@ -58,7 +59,7 @@ class LayerNormToCRMSNorm(NormPass):
                 plan = plans[id(stream)]
                 edits = plan.edits + _stream_edits(stream, model, plan.touched)
             except NotLinear as exc:
-                self._fall_back_to_rmsnorm(stream, model, str(exc), moved)
+                self._fall_back_to_rmsnorm(stream, model, str(exc), moved, fallbacks)
                 continue
             except NotFoldable as exc:
                 for site in stream.readers:
@@ -77,9 +78,12 @@ class LayerNormToCRMSNorm(NormPass):
             self.skip(node, reason)
 
 
-    def _fall_back_to_rmsnorm(self, stream: Stream, model: ir.Model, reason: str, moved: dict) -> None:
-        """A stream whose norms are read non-linearly keeps width d, with RMSNorm instead of CRMSNorm."""
-        plans, refusals = plan_streams([stream], model)
+    def _fall_back_to_rmsnorm(self, stream: Stream, model: ir.Model, reason: str, moved: dict, fallbacks) -> None:
+        """A stream whose norms are read non-linearly keeps width d, with RMSNorm instead of CRMSNorm.
+
+        `fallbacks` are the width-d plans of every stream, made before any stream was rewritten (an earlier
+        stream's rewrite may have replaced this one's writers: `moved` maps them)."""
+        plans, refusals = fallbacks
         if id(stream) not in plans:
             for site in stream.readers:
                 self.skip(site.nodes[0], f"{reason}; {refusals[id(stream)]}")
