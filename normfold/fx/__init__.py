@@ -40,12 +40,15 @@ def convert(
     passes: Sequence[str | ModuleType] | None = None,
     *,
     capture: str = "auto",
+    dynamic: bool = False,
     verify: bool = True,
 ) -> tuple[torch.fx.GraphModule, FxReport]:
     """Rewrites a copy of `module` with `passes` (names; None: the default passes) and returns it as a
     GraphModule with its report.
 
-    `capture` is "auto" (symbolic_trace, else torch.export), "symbolic_trace" or "export".
+    `capture` is "auto" (symbolic_trace, else torch.export), "symbolic_trace" or "export". A
+    torch.export graph accepts only the example inputs' shapes unless `dynamic` (batch and sequence
+    dims of size > 1 stay symbolic); a symbolic trace accepts any shape.
     With `verify`, the result is compared with `module` in float64 (normfold.fx.verify_module) when
     any rewrite applied; report.verification holds the result and VerificationError (with `.report`)
     is raised when it fails.
@@ -54,7 +57,7 @@ def convert(
     selected = registry.resolve(passes)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    captured = capture_module(copy.deepcopy(module), inputs, capture)
+    captured = capture_module(copy.deepcopy(module), inputs, capture, dynamic=dynamic)
     gm = captured.gm
     timings["capture"] = time.perf_counter() - start
     report = FxReport(passes=[PassReport(p.NAME) for p in selected], ops_before=op_counts(gm),

@@ -34,8 +34,12 @@ class Captured:
     reason: str | None = None
 
 
-def capture(module: torch.nn.Module, example_inputs: tuple, how: str = "auto") -> Captured:
-    """The module's graph: by symbolic tracing, else by torch.export (`how` may force one of them)."""
+def capture(module: torch.nn.Module, example_inputs: tuple, how: str = "auto", *, dynamic: bool = False) -> Captured:
+    """The module's graph: by symbolic tracing, else by torch.export (`how` may force one of them).
+
+    torch.export specialises the graph to the example inputs' shapes unless `dynamic`, which lets
+    it keep every dim it can symbolic (torch.export.Dim.AUTO; a dim of size 1 stays static).
+    """
     if how not in METHODS:
         raise InputError(f"unknown capture method {how!r}; choose one of: {', '.join(METHODS)}")
     if isinstance(module, torch.fx.GraphModule) and how == "auto":
@@ -44,19 +48,25 @@ def capture(module: torch.nn.Module, example_inputs: tuple, how: str = "auto") -
     trace_error = None
     if how in ("auto", "symbolic_trace"):
         try:
-            with _quiet():
+            with quiet():
                 return Captured(torch.fx.symbolic_trace(module), "symbolic_trace")
         except Exception as exc:  # noqa: BLE001 - any tracing failure means "try torch.export"
             trace_error = f"symbolic_trace failed: {one_line(exc)}"
             if how == "symbolic_trace":
                 raise InputError(f"cannot capture {name}: {trace_error}") from None
     try:
-        with _quiet():
-            gm = torch.export.export(module, tuple(example_inputs)).module()
+        with quiet():
+            gm = torch.export.export(module, tuple(example_inputs), dynamic_shapes=_auto_dims(example_inputs)
+                                     if dynamic else None).module()
     except Exception as exc:  # noqa: BLE001 - reported as one line
         reasons = [r for r in (trace_error, f"torch.export failed: {one_line(exc)}") if r]
         raise InputError(f"cannot capture {name}: {'; '.join(reasons)}") from None
     return Captured(gm, "torch.export", trace_error)
+
+
+def _auto_dims(example_inputs: tuple) -> tuple:
+    return tuple({i: torch.export.Dim.AUTO for i in range(x.ndim)} if isinstance(x, torch.Tensor) else None
+                 for x in example_inputs)
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -76,7 +86,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Any:
+def quiet() -> Any:
     """Silence torch's warnings, log records below ERROR and prints while capturing or exporting."""
     loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.fx", "torch._export", "torch.export", "torch.onnx")]
     levels = [logger.level for logger in loggers]

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from normfold import io
 from normfold.errors import InputError
-from normfold.fx.capture import _quiet, one_line
+from normfold.fx.capture import one_line, quiet
 
 
 def export(
@@ -37,7 +37,7 @@ def export(
     try:
         with torch.no_grad():
             outputs = len(pytree.tree_leaves(graph_module(*args)))
-        with _quiet():
+        with quiet():
             program = torch.onnx.export(graph_module, args, dynamo=True, optimize=optimize, opset_version=opset,
                                         input_names=_names("input", len(args)),
                                         output_names=_names("output", outputs), verbose=False)

@@ -203,3 +203,17 @@ def test_verify_module_runs_an_exported_graph_in_float64():
     assert nfx.verify_module(module, gm, inputs).passed  # the original module's own .to(float32) stays
     result = nfx.verify_module(gm, copy.deepcopy(gm), inputs)
     assert result.passed and result.outputs[0].dtype == "float64"
+
+
+def test_dynamic_export_capture_accepts_other_batch_sizes():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2)).eval()
+    with torch.no_grad():
+        module[1].running_var.uniform_(0.5, 2.0)
+    inputs = (torch.randn(2, 3, 5, 5),)
+    static, _ = nfx.convert(module, inputs, ["fold-batchnorm"], capture="export")
+    dynamic, report = nfx.convert(module, inputs, ["fold-batchnorm"], capture="export", dynamic=True)
+    assert report.passes[0].applied == 1
+    bigger = (torch.randn(5, 3, 5, 5),)
+    with pytest.raises(InputError, match="fails on the example inputs"):
+        nfx.verify_module(module, static, bigger)
+    assert nfx.verify_module(module, dynamic, bigger).passed
