@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "remove-layernorm", help="fine-tune a local GPT-2 without LayerNorm and export it (approximate)",
         description="Removes every LayerNorm of a local transformers GPT-2 by calibrated fine-tuning "
                     "(FakeLN, published schedule), folds them away and writes the checkpoint and its ONNX export.")
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="transformers GPT-2 directory (config.json + weights)")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR",
+                   help="transformers GPT-2 directory (config.json + weights)")
     p.add_argument("--data", type=Path, required=True, metavar="PATH", help="a text file or a directory of them")
     p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="output directory (must not exist)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")

@@ -79,7 +79,8 @@ def fold(model: nn.Module) -> nn.Module:
     return out
 
 
-def _folded(weight: torch.Tensor, bias: torch.Tensor | None, columns: list[tuple[SwitchableNorm, slice]]) -> FoldedLinear:
+def _folded(weight: torch.Tensor, bias: torch.Tensor | None,
+            columns: list[tuple[SwitchableNorm, slice]]) -> FoldedLinear:
     """FoldedLinear for weight (in, out) whose output columns read the given FakeLNs."""
     w = weight.detach().double().numpy()
     b = None if bias is None else bias.detach().double().numpy()

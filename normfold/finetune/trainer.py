@@ -87,9 +87,11 @@ class Trainer:
         self.sites = gpt2.sites(model)
         self.norms = gpt2.norm_modules(model)
         self.final = self.norms["transformer.ln_f"]
-        schedule = config.schedule or RemovalSchedule.scaled(config.steps, len(model.transformer.h))
-        self.schedule = schedule
-        self.removal = schedule.steps_for(self.sites) if config.remove else {}
+        self.schedule = None
+        self.removal = {}
+        if config.remove:
+            self.schedule = config.schedule or RemovalSchedule.scaled(config.steps, len(model.transformer.h))
+            self.removal = self.schedule.steps_for(self.sites)
         late = {name: when for name, when in self.removal.items() if when >= config.steps}
         if late:
             name, when = next(iter(late.items()))
@@ -163,8 +165,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), config.recipe.grad_clip)
         self.optimizer.step()
         ce_value, aux_value = _mean_over_ranks(torch.stack([ce.detach(), aux.detach()]), self.world).tolist()
-        record = {"step": step, "lr": lr, "ce": ce_value, "aux": aux_value, "local_ce": float(ce.detach()), "removed": due,
-                  "fake": sum(norm.is_fake for norm in self.norms.values())}
+        record = {"step": step, "lr": lr, "ce": ce_value, "aux": aux_value, "local_ce": float(ce.detach()),
+                  "removed": due, "fake": sum(norm.is_fake for norm in self.norms.values())}
         self.history.train.append(record)
         self.step += 1
         return record
