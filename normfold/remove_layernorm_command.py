@@ -61,11 +61,13 @@ def run(args: argparse.Namespace) -> int:
     """Runs the command; InputError (exit 2) on bad input, VerificationError (exit 1) if the export differs."""
     out = _check_paths(args)
     try:
+        import transformers  # noqa: F401
+
         from normfold.finetune import export, fold, gpt2
         from normfold.finetune.schedule import Recipe, RemovalSchedule
         from normfold.finetune.trainer import Trainer, TrainConfig, init_from_env, validation_ce
     except ImportError as exc:
-        raise InputError(f"remove-layernorm needs the torch extra (pip install 'normfold[torch]'): {exc}") from None
+        raise InputError(f"remove-layernorm needs torch, safetensors and transformers: {exc}") from None
     model = load_gpt2(args.model_dir)
     seq = args.seq or min(128, model.config.n_positions)
     if not 2 <= seq <= model.config.n_positions:

@@ -100,3 +100,11 @@ def test_command_needs_a_model_and_data(tmp_path, gpt2_dir):
         _run(tmp_path, "--data", tmp_path, "--out", tmp_path / "out")
     with pytest.raises(InputError, match="no such file"):
         _run(gpt2_dir, "--data", tmp_path / "missing", "--out", tmp_path / "out")
+
+
+def test_data_without_a_tokenizer_is_bytes_modulo_the_vocabulary_split_by_file(gpt2_dir, text_dir):
+    data = command.read_data(text_dir, gpt2_dir, 64, 0.25)
+    last = np.frombuffer((text_dir / "doc3.py").read_bytes(), dtype=np.uint8).astype(np.int64) % 64
+    np.testing.assert_array_equal(data.val, last)
+    assert len(data.train) + len(data.val) == sum(len(p.read_bytes()) for p in text_dir.iterdir())
+    assert data.train.max() < 64 and data.train.min() >= 0
