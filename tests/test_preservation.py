@@ -1,7 +1,7 @@
 """Nothing lost: `normfold convert` on every model of normfold.models keeps what it did not rewrite.
 
 Each factory (CNN_FACTORIES and TRANSFORMER_FACTORIES) is exported once per session (TorchScript exporter,
-opset 18), given metadata a user's model carries (producer name and version, model and graph doc strings,
+opset 18; two transformers also with the dynamo exporter), given metadata a user's model carries (producer name and version, model and graph doc strings,
 domain, model_version, metadata_props, an extra opset import), saved with all its tensors in an external
 data file of its own name (`weights.bin`), and converted by the CLI with the default passes and output
 (`MODEL.normfold.onnx` beside the input). Then:
@@ -49,22 +49,23 @@ from normfold.io import PROVENANCE_KEY, from_proto  # noqa: E402
 
 from io_builders import add_model, all_tensor_protos, external_locations, listing, run_normfold  # noqa: E402
 
-NAMES = list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)
+CASES = [(n, "torchscript") for n in list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)]
+CASES += [("tiny_gpt", "dynamo"), ("vit", "dynamo")]  # fused LayerNormalization, the dynamo exporter's names
 EXTRA_OPSET = ("com.example.preservation", 1)
 PROPS = {"author": "preservation test", "license": "Apache-2.0", "zz.last": "kept in order"}
 
 
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory) -> dict[str, onnx.ModelProto]:
-    """name -> the exported model (with its tensors embedded), exported once per session."""
+def exports(tmp_path_factory) -> dict[tuple[str, str], onnx.ModelProto]:
+    """(name, exporter) -> the exported model (with its tensors embedded), exported once per session."""
     import torch
 
     from normfold.models.export import build_onnx
 
     torch.set_num_threads(1)
     directory = tmp_path_factory.mktemp("exports")
-    return {name: build_onnx(name, seed=0, path=directory / f"{name}.onnx", exporter="torchscript")
-            for name in models.FACTORIES}
+    return {(name, exporter): build_onnx(name, seed=0, path=directory / f"{name}-{exporter}.onnx", exporter=exporter)
+            for name, exporter in CASES}
 
 
 def decorated(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -101,9 +102,9 @@ def removable(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_convert_preserves_what_it_does_not_rewrite(name, exports, tmp_path, capsys):
-    original = decorated(exports[name])
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_convert_preserves_what_it_does_not_rewrite(name, exporter, exports, tmp_path, capsys):
+    original = decorated(exports[name, exporter])
     src_dir = tmp_path / "in"
     src_dir.mkdir()
     src = src_dir / f"{name}.onnx"
