@@ -140,8 +140,8 @@ def _components(gm, members: set[fx.Node], readers) -> list[Stream]:
 
     for node in members:
         for user in ops.readers(node):
-            if user in members:
-                parent[find(node)] = find(user)
+            if user in members and not any(r.node is user for r in readers.get(node, ())):
+                parent[find(node)] = find(user)  # joined by an add or a view, not by a norm reading it
     groups: dict[fx.Node, Stream] = {}
     for node in gm.graph.nodes:  # graph order: leaves and values come out in execution order
         if node not in members:
