@@ -35,10 +35,15 @@ def _exists(gm: torch.nn.Module, target: str) -> bool:
 
 
 def set_parameter(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Registers `value` as a new parameter at dotted path `target` (its owner submodule must exist)."""
+    """Registers `value` as a new Parameter at dotted path `target` (its owner submodule must exist),
+    replacing what was there; a replaced Parameter's requires_grad is kept (trainable if new)."""
     owner, _, name = target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
-    module.register_parameter(name, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+    old = getattr(module, name, None)
+    trainable = old.requires_grad if isinstance(old, torch.nn.Parameter) else value.is_floating_point()
+    if hasattr(module, name) and name not in module._parameters:
+        delattr(module, name)  # a buffer or plain tensor attribute becomes a parameter
+    module.register_parameter(name, torch.nn.Parameter(value, requires_grad=trainable))
 
 
 def remove_attr_if_unused(gm: torch.fx.GraphModule, target: str) -> None:

@@ -424,3 +424,14 @@ def test_resnet50_folds_every_batchnorm(capture, fx_check):
     assert report.passes[0].applied == len(batchnorms(module)) == 53
     assert fx_check.batchnorms(gm) == 0
     fx_check.equivalent(module, gm, inputs)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_frozen_weights_stay_frozen(capture):
+    torch.manual_seed(0)
+    module = randomized(ConvBN(nn.Conv2d(3, 4, 3), 2))
+    module.conv.weight.requires_grad_(False)
+    gm, report = fold(module, (torch.randn(1, 3, 5, 5),), capture)
+    assert report.passes[0].applied == 1
+    grads = {name.rpartition(".")[2]: p.requires_grad for name, p in gm.named_parameters()}
+    assert grads == {"weight": False, "bias": True}
