@@ -113,7 +113,8 @@ def pre_ln_model(opset: int, *, d: int = 8, vocab: int = 11) -> onnx.ModelProto:
         nodes.extend([
             helper.make_node("ReduceMean", [x], [f"{prefix}/mu"], name=f"{prefix}/mean", **axes),
             helper.make_node("Sub", [x, f"{prefix}/mu"], [f"{prefix}/xc"], name=f"{prefix}/sub"),
-            helper.make_node("Pow", [f"{prefix}/xc", init(f"{prefix}.two", 2.0)], [f"{prefix}/sq"], name=f"{prefix}/pow"),
+            helper.make_node("Pow", [f"{prefix}/xc", init(f"{prefix}.two", 2.0)], [f"{prefix}/sq"],
+                             name=f"{prefix}/pow"),
             helper.make_node("ReduceMean", [f"{prefix}/sq"], [f"{prefix}/var"], name=f"{prefix}/var", **axes),
             helper.make_node("Add", [f"{prefix}/var", init(f"{prefix}.eps", 1e-5)], [f"{prefix}/ve"],
                              name=f"{prefix}/add_eps"),
@@ -131,10 +132,12 @@ def pre_ln_model(opset: int, *, d: int = 8, vocab: int = 11) -> onnx.ModelProto:
     a = ln("ln1", "h0")
     nodes.append(helper.make_node("MatMul", [a, init("w1", rng.standard_normal((d, d)) / d**0.5)], ["f"], name="fc"))
     nodes.append(helper.make_node("Relu", ["f"], ["r"], name="relu"))
-    nodes.append(helper.make_node("MatMul", ["r", init("w2", rng.standard_normal((d, d)) / d**0.5)], ["p"], name="proj"))
+    nodes.append(helper.make_node("MatMul", ["r", init("w2", rng.standard_normal((d, d)) / d**0.5)], ["p"],
+                                  name="proj"))
     nodes.append(helper.make_node("Add", ["h0", "p"], ["h1"], name="residual"))
     f = ln("ln_f", "h1")
-    nodes.append(helper.make_node("MatMul", [f, init("head", rng.standard_normal((d, vocab)))], ["logits"], name="head"))
+    nodes.append(helper.make_node("MatMul", [f, init("head", rng.standard_normal((d, vocab)))], ["logits"],
+                                  name="head"))
     graph = helper.make_graph(nodes, "pre_ln", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, vocab])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)

@@ -1,8 +1,9 @@
 """Nothing lost: `normfold convert` on every model of normfold.models keeps what it did not rewrite.
 
 Each factory (CNN_FACTORIES and TRANSFORMER_FACTORIES) is exported once per session (TorchScript exporter,
-opset 18; two transformers also with the dynamo exporter), given metadata a user's model carries (producer name and version, model and graph doc strings,
-domain, model_version, metadata_props, an extra opset import), saved with all its tensors in an external
+opset 18; two transformers also with the dynamo exporter), given metadata a user's model carries (producer
+name and version, model and graph doc strings, domain, model_version, metadata_props, an extra opset
+import), saved with all its tensors in an external
 data file of its own name (`weights.bin`), and converted by the CLI with the default passes and output
 (`MODEL.normfold.onnx` beside the input). Then:
 
@@ -131,7 +132,8 @@ def test_convert_preserves_what_it_does_not_rewrite(name, exporter, exports, tmp
     for field in ("ir_version", "producer_name", "producer_version", "doc_string", "domain", "model_version"):
         assert getattr(converted, field) == getattr(original, field), field
     assert converted.graph.doc_string == original.graph.doc_string
-    assert [(o.domain, o.version) for o in converted.opset_import] == [(o.domain, o.version) for o in original.opset_import]
+    opsets = [[(o.domain, o.version) for o in m.opset_import] for m in (converted, original)]
+    assert opsets[0] == opsets[1]
     props = [(p.key, p.value) for p in converted.metadata_props]
     assert [p for p in props if p[0] != PROVENANCE_KEY] == list(PROPS.items())
     assert [k for k, _ in props].count(PROVENANCE_KEY) == 1
