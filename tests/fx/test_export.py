@@ -67,3 +67,25 @@ def test_export_failure_is_one_line_and_writes_nothing(tmp_path):
     message = str(info.value)
     assert "\n" not in message and message.startswith("cannot export Unexportable to ONNX") and "eigh" in message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_transformers_resnet_export_verifies(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from normfold.models.cnn import batchnorms, randomize_batchnorm
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                       layer_type="bottleneck")
+    module = transformers.ResNetModel(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    for bn in batchnorms(module):
+        randomize_batchnorm(bn, generator)
+    inputs = (torch.randn(1, 3, 32, 32, generator=generator),)
+    gm, report = nfx.convert(module, inputs, ["fold-batchnorm"])
+    original = nfx.export(module, inputs, tmp_path / "original.onnx")
+    folded = nfx.export(gm, inputs, tmp_path / "folded.onnx")
+    assert "BatchNormalization" not in op_counts(normfold.load(folded))
+    assert op_counts(normfold.load(original))["BatchNormalization"] == report.passes[0].applied == 8
+    result = normfold.verify(original, folded)
+    assert result.passed and len(result.outputs) == 2, "\n".join(result.summary_lines())
