@@ -22,6 +22,7 @@ import torch
 from normfold.errors import InputError
 
 METHODS = ("auto", "symbolic_trace", "export")
+_LOGGERS = ("torch._dynamo", "torch.fx", "torch._export", "torch.export", "torch.onnx")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -88,7 +89,7 @@ def _first_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def quiet() -> Any:
     """Silence torch's warnings, log records below ERROR and prints while capturing or exporting."""
-    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.fx", "torch._export", "torch.export", "torch.onnx")]
+    loggers = [logging.getLogger(n) for n in _LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)

@@ -11,8 +11,9 @@ from normfold.report import Report
 class FxReport(Report):
     """A Report for a torch module; `capture` says how its graph was obtained.
 
-    `capture` is "symbolic_trace", "torch.export" or "given" (a GraphModule passed in); `capture_reason` is one line saying why
-    torch.fx.symbolic_trace could not be used when torch.export was (None otherwise).
+    `capture` is "symbolic_trace", "torch.export" or "given" (a GraphModule passed in);
+    `capture_reason` is one line saying why torch.fx.symbolic_trace could not be used when
+    torch.export was (None otherwise).
     ops_before/ops_after count call_module nodes by module class name (e.g. "BatchNorm2d") and
     call_function nodes by op name (e.g. "aten.batch_norm", "add").
     """
