@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.resume}: not a checkpoint directory (no state.json)")
     history = trainer.run(resume=args.resume)
     ln_free = fold.fold(model)
+    if world > 1:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
     batch, _ = trainer.validation[0]

@@ -105,7 +105,7 @@ class Trainer:
         self.calibration = data.calibration_batches(config.calibration_batches, config.calibration_batch, config.seq)
         self.validation = data.val_batches(config.eval_batches, config.eval_batch, config.seq)
         if self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            self.ddp = nn.parallel.DistributedDataParallel(model)  # buffers (norm scales) agree on every rank
         else:
             self.ddp = model
 
