@@ -18,5 +18,7 @@ def examples(ci: int) -> int:
     value = os.environ.get("NORMFOLD_LONG", "").strip()
     if value in ("", "0"):
         return ci
+    if not value.isdigit():
+        raise ValueError(f"NORMFOLD_LONG must be 1 (for {LONG_EXAMPLES} examples) or a number of examples, not {value!r}")
     count = int(value)
     return LONG_EXAMPLES if count == 1 else count
