@@ -260,3 +260,36 @@ def test_the_same_model_with_its_data_inside_is_accepted(tmp_path):
     good = _good(tmp_path)
     assert normfold.verify(model_dir / "m.onnx", good).passed
     np.testing.assert_array_equal(io.load(model_dir / "m.onnx").graph.initializers["W"].const_value.numpy(), W)
+
+
+# -- 3. user .npz files are never unpickled ---------------------------------------------------------------
+class _Payload:
+    """Unpickling this creates a directory: the proof that an object array was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("entry", ["verify --inputs", "verify --reference", "convert --calibration"])
+def test_a_pickled_object_in_a_user_npz_is_never_unpickled(tmp_path, capsys, entry):
+    """The npz options of every command (inputs, reference files, calibration data): an object array is refused
+    before anything runs it, with exit 2 and one line."""
+    good = _good(tmp_path)
+    marker = tmp_path / "unpickled"
+    evil = tmp_path / "evil.npz"
+    x = np.empty(1, dtype=object)
+    x[0] = _Payload(marker)
+    np.savez(evil, x=x, __normfold__=x)
+    argv = {"verify --inputs": ["verify", good, good, "--inputs", evil],
+            "verify --reference": ["verify", "--reference", evil, good],
+            "convert --calibration": ["convert", good, "-o", tmp_path / "out.onnx", "--approximate",
+                                      "--calibration", evil]}[entry]
+    before = listing(tmp_path)
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists(), "the object array was unpickled"
+    assert code == 2 and len(err) == 1 and err[0].startswith("normfold: error:"), err
+    assert listing(tmp_path) == before
