@@ -12,6 +12,8 @@ reads tensors.
    normfold.testing.assert_equivalent, bisect, bench, from_proto with a base directory). The secret holds
    exactly W's 24 bytes, so a path that skipped the check would run to completion and fail the test; Python
    opens are audited and the secret must never be opened.
+3. An object array in a user's .npz (verify --inputs, verify --reference, convert --calibration) whose
+   unpickling would create a directory: refused (exit 2, one line), and the directory never appears.
 """
 
 from __future__ import annotations
