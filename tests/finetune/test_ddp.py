@@ -44,3 +44,28 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert [e["val_ce"] for e in ddp["history"]["evals"]] == pytest.approx(
         [e["val_ce"] for e in single["evals"]], rel=1e-5)
     assert [r["removed"] for r in ddp["history"]["train"]] == [r["removed"] for r in single["train"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_command_under_torchrun_writes_once(tmp_path):
+    from finetune_helpers import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "text").mkdir()
+    for i in range(4):
+        (tmp_path / "text" / f"d{i}.txt").write_text(" ".join(["a", "bb", "ccc\n"] * (200 + 50 * i)))
+    script = tmp_path / "cmd.py"
+    script.write_text(
+        "import argparse, sys\nfrom normfold import remove_layernorm_command as c\n"
+        "p = argparse.ArgumentParser(); c.add_parser(p.add_subparsers(dest='command'))\n"
+        "sys.exit(c.run(p.parse_args(['remove-layernorm', *sys.argv[1:]])))\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(tmp_path / "gpt2"), "--data", str(tmp_path / "text"), "--out", str(tmp_path / "out"),
+         "--steps", "8", "--batch", "4", "--seq", "16"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["onnx_verification"]["passed"]
