@@ -53,6 +53,11 @@ def freeze(module: nn.Module) -> nn.Module:
     and export); returns `module`."""
     for m in list(module.modules()):
         if parametrize.is_parametrized(m):
+            # parametrize keeps each tensor's property on a generated class that a deep copy shares:
+            # give this module its own, so removing the property leaves every copy working
+            cls = type(m)
+            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, own)
             for name in list(m.parametrizations.keys()):
                 if all(isinstance(p, Recentre) for p in m.parametrizations[name]):
                     parametrize.remove_parametrizations(m, name, leave_parametrized=True)
