@@ -110,20 +110,24 @@ def make_variant(argv: list[str], dst: Path, scratch: Path) -> dict:
     return {"wall_s": result["wall_s"], "rss_mib": result["rss_mib"]}
 
 
-def calibration_file(original: Path, scratch: Path) -> Path:
-    """Seeded inputs (seed 1, not the verification's seed 0) for an approximate pass's calibration."""
+def calibration_file(original: Path, scratch: Path, batches: int = 4) -> Path:
+    """Seeded inputs for an approximate pass's calibration: `batches` model batches (seeds 1, 2, ...,
+    never the verification's seed 0) stacked along the leading axis, as normfold.calibration reads them."""
     import numpy as np
 
     from normfold import io, runtime
     from normfold.verification import make_inputs
 
     session = runtime.make_session(original, optimize=False)
+    model = io.load(original)
+    feeds = [make_inputs(session, model, seed=seed) for seed in range(1, batches + 1)]
     path = scratch / f"{original.stem}_calibration.npz"
-    np.savez(path, **make_inputs(session, io.load(original), seed=1))
+    np.savez(path, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
     return path
 
 
-def make_variants(name: str, spec: dict, original: Path, scratch: Path, peers: list[str]) -> dict[str, dict]:
+def make_variants(name: str, spec: dict, original: Path, scratch: Path, peers: list[str], *,
+                  approximate: bool = True) -> dict[str, dict]:
     """Every variant of one model: label -> {path, kind, wall_s, rss_mib} or {kind, error}."""
     from normfold.passes import PASSES
 
@@ -137,7 +141,7 @@ def make_variants(name: str, spec: dict, original: Path, scratch: Path, peers: l
                    *(["--passes", pass_name] if pass_name else []))
         log(f"{name}: {label} ...")
         variants[label] = {"kind": "normfold", "path": dst, **make_variant(argv, dst, scratch)}
-    if "remove-layernorm" in PASSES and "LayerNormalization" in spec["norm_ops"]:
+    if approximate and "remove-layernorm" in PASSES and "LayerNormalization" in spec["norm_ops"]:
         label, dst = "normfold remove-layernorm (approximate, calibrated)", scratch / f"{name}_removeln.onnx"
         argv = cli("convert", str(original), "-o", str(dst), "--passes", "remove-layernorm", "--approximate",
                    "--calibration", str(calibration_file(original, scratch)), "--no-verify", "--force")
@@ -205,10 +209,11 @@ def latency(paths: dict[str, Path], repeats: int, label: str) -> dict:
     return out
 
 
-def run_model(name: str, spec: dict, original: Path, scratch: Path, *, peers: list[str], repeats: int) -> dict:
+def run_model(name: str, spec: dict, original: Path, scratch: Path, *, peers: list[str], repeats: int,
+              approximate: bool = True) -> dict:
     """Variants, equivalence and latency of one model (see the module docstring)."""
     facts = file_facts(original, spec["norm_ops"])
-    variants = make_variants(name, spec, original, scratch, peers)
+    variants = make_variants(name, spec, original, scratch, peers, approximate=approximate)
     for label, v in variants.items():
         if "path" in v and "error" not in v:
             v["facts"] = file_facts(v["path"], spec["norm_ops"], facts["norms_of_original_type"])
