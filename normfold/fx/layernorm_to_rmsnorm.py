@@ -15,6 +15,9 @@ the original under any optimizer; `normfold.fx.modules.freeze` makes the weights
 
 from __future__ import annotations
 
+from functools import partial
+from types import SimpleNamespace
+
 import torch
 from torch import fx, nn
 
@@ -186,3 +189,8 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent = gm.get_submodule(prefix) if prefix else gm
     setattr(parent, name, module)
 
+
+
+TRAINABLE = SimpleNamespace(NAME=NAME, TOLERANCE_CLASS=TOLERANCE_CLASS, run=partial(run, trainable=True))
+"""The pass with `trainable=True`, for normfold.fx.convert(module, inputs, [TRAINABLE]): the converted
+module keeps its recentring in the forward pass (freeze it with normfold.fx.modules.freeze)."""

@@ -103,3 +103,18 @@ def test_non_linear_reader_falls_back_to_rmsnorm():
     assert len(report.notes) == 3 and all("gelu" in n.reason for n in report.notes)
     assert tc.modules_of(gm, CRMSNorm) == [] and len(tc.modules_of(gm, nn.RMSNorm)) == 3
     tc.assert_equivalent(model, gm, args)
+
+
+def test_vit_crmsnorm_onnx_export_verified_on_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import normfold
+    import normfold.fx as nfx
+
+    model = tc.build("vit", torch.float32)
+    args = tc.inputs("vit", torch.float32)
+    gm, report = nfx.convert(model, args, ["layernorm-to-crmsnorm"])
+    assert report.passes[0].applied == 5 and report.verification["passed"]
+    reference = nfx.export(model, args, tmp_path / "reference.onnx")
+    candidate = nfx.export(gm, args, tmp_path / "candidate.onnx")
+    result = normfold.verify(reference, candidate, inputs={"input": args[0].numpy()}, tolerance_class="renorm")
+    assert result.passed, result

@@ -165,3 +165,25 @@ def test_an_explicitly_centred_chain_is_refused():
     assert applied == 0 and gm.code == code
     assert len(report.skipped) == 3
     assert all(s.reason.startswith("Post-LN") or "module output" in s.reason for s in report.skipped)
+
+
+def test_convert_then_onnx_export_verified_on_onnxruntime(tmp_path):
+    """normfold.fx.convert with the default LN passes, exported to ONNX (normfold.fx.export) and
+    verified against the original's export on onnxruntime: no LayerNormalization is left."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import normfold
+    import normfold.fx as nfx
+
+    model = tc.build("gpt2_tied", torch.float32)
+    args = tc.inputs("gpt2_tied", torch.float32)
+    gm, report = nfx.convert(model, args, ["layernorm-to-rmsnorm", "fold-norm-affine"])
+    assert [p.applied for p in report.passes] == [5, 5] and report.verification["passed"]
+    reference = nfx.export(model, args, tmp_path / "reference.onnx")
+    candidate = nfx.export(gm, args, tmp_path / "candidate.onnx")
+    result = normfold.verify(reference, candidate, inputs={"input": args[0].numpy()}, tolerance_class="renorm")
+    assert result.passed, result
+    op_types = {n.op_type for n in onnx.load(str(candidate)).graph.node}
+    assert "LayerNormalization" not in op_types
+    assert "LayerNormalization" in {n.op_type for n in onnx.load(str(reference)).graph.node}

@@ -118,3 +118,13 @@ def test_gpt2_tied_trains_identically(optimizer):
     reference = _train(copy.deepcopy(base), optimizer)
     gm, _ = _converted(base, "gpt2_tied", trainable=True)
     assert _gap(_train(gm, optimizer), reference) < 1e-10
+
+
+def test_through_convert_with_the_trainable_pass(tiny_gpt):
+    """normfold.fx.convert(module, inputs, [layernorm_to_rmsnorm.TRAINABLE]): verified, trainable."""
+    import normfold.fx as nfx
+
+    gm, report = nfx.convert(tiny_gpt, tc.inputs("tiny_gpt"), [rms.TRAINABLE])
+    assert report.passes[0].name == "layernorm-to-rmsnorm" and report.passes[0].applied == 5
+    assert report.verification["passed"] and is_trainable(gm)
+    assert _gap(_train(gm, "adamw"), _train(copy.deepcopy(tiny_gpt), "adamw")) < 1e-10
