@@ -58,6 +58,16 @@ def scalar_edit(node: fx.Node, index: int) -> Edit:
     return lambda: node.update_arg(index, 0)
 
 
+def active_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A dropout that can drop something in training: p > 0 (and, for a call, its train flag set)."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).p > 0
+    p = ops.arg(node, 1, "p", 0.5)
+    train = ops.arg(node, 2, "train", None)
+    train = ops.arg(node, 2, "training", True) if train is None else train
+    return (not isinstance(p, (int, float)) or p > 0) and train is not False
+
+
 class _Planner:
     """Walks from a value to the parameters that determine it, recording the edits."""
 
@@ -94,6 +104,8 @@ class _Planner:
 
     def _through(self, node, k, axis, rank, depth) -> list[Edit]:
         src = ops.data_input(node)
+        if self.trainable and k in ("dropout", "feature_dropout") and active_dropout(self.gm, node):
+            raise NotFoldable(f"{node.name!r} is a dropout: in training it gives the recentred branch a mean again")
         if k in ops.PASS_THROUGH or k == "neg":
             return self._operand(src, axis, depth)
         if k in ("add", "sub") and len(node.args) >= 2 and ops.arg(node, 2, "alpha", 1) == 1:
@@ -222,10 +234,10 @@ class _Planner:
             owner = gm.get_submodule(prefix) if prefix else gm
             owner.register_parameter(name, torch.nn.Parameter(
                 torch.as_tensor(new).to(value.dtype), requires_grad=isinstance(value, torch.nn.Parameter)))
-            if trainable:
-                torch.nn.utils.parametrize.register_parametrization(owner, name, Recentre(axis))
             with gm.graph.inserting_after(node):
                 fresh = gm.graph.get_attr(target)
+            if trainable:
+                torch.nn.utils.parametrize.register_parametrization(owner, name, Recentre(axis))
             for user in users:
                 user.replace_input_with(node, fresh)
             ops.prune(gm, node)

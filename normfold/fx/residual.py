@@ -268,6 +268,11 @@ def plan_streams(gm: fx.GraphModule, streams: list[Stream], *, drop_last: bool =
 
 def _plan_writers(gm, stream: Stream, norms, drop_last: bool, trainable: bool) -> StreamPlan:
     plan = StreamPlan()
+    dropout = next((v for v in stream.values if trainable and ops.kind(gm, v) in ("dropout", "feature_dropout")
+                    and recentre.active_dropout(gm, v)), None)
+    if dropout is not None:
+        raise recentre.NotFoldable(f"{node_label(dropout)} drops parts of the residual stream in training, which "
+                                   "gives it a mean the RMSNorms would see; convert for inference, or set p = 0")
     writes = [(leaf, None) for leaf in stream.leaves] + [(_operand(n, i), (n, i)) for n, i in stream.external]
     for value, use in writes:
         try:

@@ -128,3 +128,32 @@ def test_through_convert_with_the_trainable_pass(tiny_gpt):
     assert report.passes[0].name == "layernorm-to-rmsnorm" and report.passes[0].applied == 5
     assert report.verification["passed"] and is_trainable(gm)
     assert _gap(_train(gm, "adamw"), _train(copy.deepcopy(tiny_gpt), "adamw")) < 1e-10
+
+
+class _WithDropout(tc.TracedPreLN):
+    """Branch outputs through nn.Dropout(0.1) before the residual sums."""
+
+    def __init__(self):
+        super().__init__(tied=False)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, ids):
+        x = self.wte(ids) + self.wpe
+        for ln, fc, proj in zip(self.lns, self.fcs, self.projs):
+            x = x + self.drop(proj(nn.functional.gelu(fc(ln(x)))))
+        return self.head(self.ln_f(x))
+
+
+def test_dropout_in_the_stream_refuses_the_trainable_conversion_only():
+    """In training a dropout gives the recentred stream a mean again: the trainable conversion is
+    refused with that reason (module unchanged); the inference conversion applies."""
+    model = _WithDropout().double().eval()
+    args = tc.traced_case()[2]
+    gm = tc.trace(model)
+    code = gm.code
+    applied, report = tc.run_pass(rms, gm, args, trainable=True)
+    assert applied == 0 and gm.code == code and len(report.skipped) == 3
+    assert all("in training" in s.reason and "drop" in s.reason for s in report.skipped)
+    gm = tc.trace(model)
+    assert tc.run_pass(rms, gm, args)[0] == 3
+    tc.assert_equivalent(model, gm, args)
