@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import bn_graphs as bg
@@ -219,7 +219,8 @@ def build_stack(stack: Stack, dtype=np.float32):
 INPUT_SCALES = (1e-3, 1.0, 1e3, "+100")
 """The input x is N(0, 1) times 1e-3, 1 or 1e3, or N(0, 1) + 100 (shifted)."""
 FP16_INPUT_SCALES = (1e-3, 1.0, 1e2, "+10")
-"""fp16 inputs: the same, with 1e3 and +100 scaled down to stay inside fp16's range (max 65504) after a layer."""
+"""fp16 inputs: the same, with 1e3 and +100 scaled down, as fp16 holds at most 65504; an input whose exact output
+is beyond that anyway (a BN with variance 1e-6 multiplies by up to 1e3) is not an example (assume)."""
 
 
 def scaled_input(x: np.ndarray, scale) -> np.ndarray:
@@ -249,8 +250,11 @@ def check_stack(stack: Stack, dtype, scale=1.0) -> None:
     feeds = bg.random_feeds(proto, seed=stack.seed % 1000)
     feeds["x"] = scaled_input(feeds["x"], scale)
     event(f"input scale {scale}")
+    exact = reference(feeds["x"])
+    # an output beyond the dtype's range (BN scales up to 1e3 times a scaled input) has no representable answer
+    assume(np.abs(exact).max() <= np.finfo(dtype).max / 4)
     got = bg.run(folded, feeds)["y"]
-    bg.assert_close(got, reference(feeds["x"]), dtype, what="folded model vs float64 reference")
+    bg.assert_close(got, exact, dtype, what="folded model vs float64 reference")
 
 
 @settings(max_examples=FP32_EXAMPLES, **COMMON)

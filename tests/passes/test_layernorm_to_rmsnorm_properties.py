@@ -40,7 +40,8 @@ fp16 1e-2 / 1e-2 * scale), never loosened:
 
 The bugs these properties found are filed as strict xfails in test_layernorm_to_rmsnorm.py. Fixed:
 NeoX LN pairs, BLOOM centring, Post-LN refusal, opset-13 computed Reshapes, stale writer plans, fp32
-affine inside fp16 Casts, reasons naming inserted nodes, Pre-LN refusals called Post-LN. Open ones
+affine inside fp16 Casts, reasons naming inserted nodes, Pre-LN refusals called Post-LN, decomposed
+LayerNorms over positive axes on values of no inferred rank (opset 13, dynamic axes). Open ones
 are listed in KNOWN_BUGS: the properties only check exactness for configs that hit them; remove the
 entry when the bug is fixed.
 
@@ -52,6 +53,7 @@ A failure prints the falsifying Config (copy it into tg.build) and a @reproduce_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -76,22 +78,14 @@ FP16_EXAMPLES = examples(60)
 NEGATIVE_EXAMPLES = examples(60)
 COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-KNOWN_BUGS = {
-    "positive_axes_unknown_rank": "decomposed LNs over axes=[2] on values of no inferred rank are not detected "
-                                  "(test_positive_reduce_axes_on_inferred_rank_convert)",
-}
-"""Open normfold bugs the properties step around (each has a strict xfail in test_layernorm_to_rmsnorm.py);
-remove an entry once its bug is fixed and the property covers the case fully again."""
+KNOWN_BUGS: dict[str, Callable[[tg.Config], bool]] = {}
+"""Open normfold bugs the properties step around: name -> whether a config runs into it (each bug has a strict
+xfail in test_layernorm_to_rmsnorm.py); remove an entry once its bug is fixed. None is open."""
 
 
 def known_bug(c: tg.Config) -> str | None:
     """The KNOWN_BUGS entry this config runs into, if any."""
-    if c.post_ln and (not c.bias or c.flat_ln or c.proj == "gemm") and "post_ln_label" in KNOWN_BUGS:
-        return "post_ln_label"
-    if c.positive_axes and c.ln_spelling != "fused" and c.dynamic and c.resolved_opset == 13 and \
-            (c.proj == "gemm" or c.flat_ln) and "positive_axes_unknown_rank" in KNOWN_BUGS:
-        return "positive_axes_unknown_rank"
-    return None
+    return next((name for name, hits in KNOWN_BUGS.items() if hits(c)), None)
 
 
 def unconverted_by_design(c: tg.Config) -> bool:
