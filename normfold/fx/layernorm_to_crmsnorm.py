@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from normfold import foldmath
-from normfold.fx import fold_norm_affine, ops, residual
+from normfold.fx import fold_norm_affine, ops, residual, stream_plan
 from normfold.fx.graph import node_label
 from normfold.fx.layernorm_to_rmsnorm import apply_plan, install, replace_with_rmsnorm, skip_unconverted
 from normfold.fx.modules import CRMSNorm
@@ -34,8 +34,8 @@ def run(gm: fx.GraphModule, example_inputs: tuple, report: PassReport) -> int:
     """Converts every stream that can be converted; returns the number of LayerNorms replaced."""
     ops.refresh_shapes(gm, example_inputs)
     streams = residual.find_streams(gm)
-    crms_plans, _ = residual.plan_streams(gm, streams, drop_last=True)
-    rms_plans, refusals = residual.plan_streams(gm, streams)
+    crms_plans, _ = stream_plan.plan_streams(gm, streams, drop_last=True)
+    rms_plans, refusals = stream_plan.plan_streams(gm, streams)
     skip_unconverted(gm, streams, refusals, report)
     writers = {leaf for s in streams for leaf in s.leaves}
     work = []
@@ -54,11 +54,11 @@ def run(gm: fx.GraphModule, example_inputs: tuple, report: PassReport) -> int:
     applied = 0
     for stream, plan, readers in work:
         if readers is None:
-            apply_plan(gm, plan, stream.width)
+            apply_plan(gm, plan, report)
             for norm in stream.readers:
                 replace_with_rmsnorm(gm, norm)
         else:
-            apply_plan(gm, plan, stream.width, keep=stream.width - 1)
+            apply_plan(gm, plan, report, keep=stream.width - 1)
             for node in stream.values:
                 _narrow_sizes(node, stream.width)
             for norm, (linears, views) in zip(stream.readers, readers):

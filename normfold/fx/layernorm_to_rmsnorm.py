@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import fx, nn
 
-from normfold.fx import ops, residual
+from normfold.fx import ops, residual, stream_plan
 from normfold.fx.graph import node_label, remove_attr_if_unused, unique_attr_name
 from normfold.fx.ops import NormOp
 from normfold.report import PassReport, Skip
@@ -34,14 +34,14 @@ def run(gm: fx.GraphModule, example_inputs: tuple, report: PassReport, *, traina
     """Converts every stream that can be converted; returns the number of LayerNorms replaced."""
     ops.refresh_shapes(gm, example_inputs)
     streams = residual.find_streams(gm)
-    plans, refusals = residual.plan_streams(gm, streams, trainable=trainable)
+    plans, refusals = stream_plan.plan_streams(gm, streams, trainable=trainable)
     skip_unconverted(gm, streams, refusals, report)
     applied = 0
     for stream in streams:
         plan = plans.get(id(stream))
         if plan is None:
             continue
-        apply_plan(gm, plan, stream.width)
+        apply_plan(gm, plan, report)
         for norm in stream.readers:
             replace_with_rmsnorm(gm, norm)
             applied += 1
@@ -85,11 +85,14 @@ def why_outside(gm: fx.GraphModule, norm: NormOp) -> str:
     return f"the value it normalizes, {x.name!r}, reaches a reader that is not invariant to its mean"
 
 
-def apply_plan(gm: fx.GraphModule, plan: residual.StreamPlan, width: int, *, keep: int | None = None) -> None:
-    """Applies a stream's edits and inserts its explicit centrings (sliced to `keep` elements if given)."""
+def apply_plan(gm: fx.GraphModule, plan: stream_plan.StreamPlan, report: PassReport, *,
+               keep: int | None = None) -> None:
+    """Applies a stream's edits and inserts its explicit centrings (sliced to `keep` elements if given),
+    noting each in the report."""
     for edit in plan.edits:
         edit()
-    for value, use, _ in plan.explicit:
+    for value, use, why in plan.explicit:
+        report.notes.append(Skip(node_label(value), f"centred by an explicit x - mean(x): {why}"))
         centre(gm, value, use, keep)
 
 

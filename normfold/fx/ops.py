@@ -78,7 +78,8 @@ def shape(node) -> tuple[int, ...] | None:
 
 def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Records every tensor node's current shape and dtype as node.meta["val"] (a meta tensor), by
-    running the module once on `example_inputs` (earlier rewrites may have changed widths)."""
+    running the module once on `example_inputs` (earlier rewrites may have changed widths). If the run
+    fails, the shapes recorded so far stay (torch.export's own, or none)."""
 
     class _Recorder(fx.Interpreter):
         def run_node(self, node):
@@ -87,8 +88,11 @@ def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
                 node.meta["val"] = torch.empty(result.shape, dtype=result.dtype, device="meta")
             return result
 
-    with torch.no_grad():
-        _Recorder(gm).run(*example_inputs)
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*example_inputs)
+    except Exception:  # noqa: BLE001 - shapes stay as recorded; unknown ones make the passes refuse
+        pass
 
 
 def arg(node: fx.Node, index: int, name: str, default=None):

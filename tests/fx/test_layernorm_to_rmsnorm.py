@@ -75,9 +75,12 @@ def test_bloom_embedding_norm_output_centred_explicitly():
     model = tc.build("bloom")
     args = tc.inputs("bloom")
     gm = tc.export(model, args)
-    tc.run_pass(rms, gm, args)
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == 6
     means = [n for n in gm.graph.nodes if n.target is torch.mean]
     assert len(means) == 1
+    assert len(report.notes) == 1 and report.notes[0].node.startswith("model.transformer.word_embeddings_layernorm")
+    assert "explicit x - mean(x)" in report.notes[0].reason
     tc.assert_equivalent(model, gm, args)
 
 
