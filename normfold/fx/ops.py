@@ -76,10 +76,45 @@ def shape(node) -> tuple[int, ...] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
+_FUNCTIONAL = {
+    nn.functional.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    nn.functional.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+    torch._C._nn.linear: ("input", "weight", "bias"),
+    nn.functional.embedding: ("input", "weight"),
+}
+"""Argument names of the torch.nn.functional calls that symbolic_trace records."""
+
+
+_DEFAULTS = {"weight": None, "bias": None, "eps": 1e-5}
+
+
+def positional_calls(gm: fx.GraphModule) -> None:
+    """Moves the keyword arguments of traced torch.nn.functional calls (F.layer_norm(x, s, weight=w))
+    to their positions, so every matcher reads parameters by position; same call, same result."""
+    for node in gm.graph.nodes:
+        names = _FUNCTIONAL.get(node.target) if node.op == "call_function" else None
+        if not names or not any(k in names for k in node.kwargs):
+            continue
+        last = max(names.index(k) for k in node.kwargs if k in names)
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        node.args = tuple(given.get(n, _DEFAULTS.get(n)) for n in names[: last + 1])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in names}
+
+
+def call_arg_names(node: fx.Node) -> tuple[str, ...]:
+    """The positional argument names of a call_function (aten schema or torch.nn.functional), else ()."""
+    if node.op != "call_function":
+        return ()
+    if isinstance(node.target, torch._ops.OpOverload):
+        return tuple(a.name for a in node.target._schema.arguments)
+    return _FUNCTIONAL.get(node.target, ())
+
+
 def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Records every tensor node's current shape and dtype as node.meta["val"] (a meta tensor), by
     running the module once on `example_inputs` (earlier rewrites may have changed widths). If the run
-    fails, the shapes recorded so far stay (torch.export's own, or none)."""
+    fails, the shapes recorded so far stay (torch.export's own, or none). Functional calls are made
+    positional first (positional_calls)."""
 
     class _Recorder(fx.Interpreter):
         def run_node(self, node):
@@ -88,6 +123,7 @@ def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
                 node.meta["val"] = torch.empty(result.shape, dtype=result.dtype, device="meta")
             return result
 
+    positional_calls(gm)
     try:
         with torch.no_grad():
             _Recorder(gm).run(*example_inputs)
@@ -235,7 +271,7 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
         return LinearOp(node, data_input(node), ParamRef(node, attr="weight"), bias, 1 if k == "linear" else 0)
     if node.op != "call_function":
         return None
-    if k == "linear" and isinstance(node.target, torch._ops.OpOverload):
+    if k == "linear" and call_arg_names(node)[:3] == ("input", "weight", "bias"):
         weight, bias = get_attr_ref(node, 1), get_attr_ref(node, 2)
         if weight is None or (arg(node, 2, "bias") is not None and bias is None):
             return None
@@ -278,13 +314,13 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> NormOp | None:
         has_bias = label == "LayerNorm" and getattr(module, "bias", None) is not None  # RMSNorm ignores one
         bias = ParamRef(node, attr="bias") if has_bias else None
         return NormOp(node, label, data_input(node), int(module.normalized_shape[0]), module.eps, weight, bias)
-    if not isinstance(node.target, torch._ops.OpOverload):
+    names = call_arg_names(node)
+    if not names:
         return None
-    args = bound_args(node)
+    args = {**dict(zip(names, node.args)), **node.kwargs}
     normalized = list(args.get("normalized_shape", []))
     if len(normalized) != 1:
         return None
-    names = [a.name for a in node.target._schema.arguments]
     refs = {}
     for name in ("weight", "bias"):
         if name in names and args.get(name) is not None:

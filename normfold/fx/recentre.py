@@ -58,6 +58,11 @@ def scalar_edit(node: fx.Node, index: int) -> Edit:
     return lambda: node.update_arg(index, 0)
 
 
+def gm_embedding_renorms(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An nn.Embedding with max_norm rescales the rows it looks up: recentring them would change that."""
+    return getattr(gm.get_submodule(node.target), "max_norm", None) is not None
+
+
 def active_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A dropout that can drop something in training: p > 0 (and, for a call, its train flag set)."""
     if node.op == "call_module":
@@ -94,7 +99,10 @@ class _Planner:
                 edits.append(self._weight(linear.bias, 0, f"{node.name} bias"))
             return edits
         if k == "embedding" and axis == rank - 1:
-            ref = ops.ParamRef(node, attr="weight") if node.op == "call_module" else ops.get_attr_ref(node, 0)
+            if node.op == "call_module" and gm_embedding_renorms(self.gm, node):
+                raise NotFoldable(f"{node.name!r} renormalizes its rows (max_norm)")
+            index = 1 if ops.call_arg_names(node)[:2] == ("input", "weight") else 0
+            ref = ops.ParamRef(node, attr="weight") if node.op == "call_module" else ops.get_attr_ref(node, index)
             if ref is None:
                 raise NotFoldable(f"the table of {node.name!r} is not a parameter")
             return [self._weight(ref, 1, f"{node.name} table")]

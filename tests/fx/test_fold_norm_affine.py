@@ -129,3 +129,11 @@ def test_non_linear_reader_refused_unchanged(reader, reason):
     applied, report = tc.run_pass(fold, gm, (torch.randn(2, 5, 6, dtype=torch.float64),))
     assert applied == 0 and gm.code == code
     assert len(report.skipped) == 1 and reason in report.skipped[0].reason
+
+
+def test_functional_calls_on_bare_parameters():
+    """F.layer_norm(weight=..., eps=...) keywords; F.linear readers, one without a bias."""
+    model, gm, args = tc.functional_case()
+    applied, report = tc.run_pass(fold, gm, args)
+    assert applied == 2 and report.skipped == [] and _norm_params_read(gm) == 0
+    tc.assert_equivalent(model, gm, args, tolerance_class="fold")

@@ -119,3 +119,10 @@ def test_vit_crmsnorm_onnx_export_verified_on_onnxruntime(tmp_path):
     candidate = nfx.export(gm, args, tmp_path / "candidate.onnx")
     result = normfold.verify(reference, candidate, inputs={"input": args[0].numpy()}, tolerance_class="renorm")
     assert result.passed, result
+
+
+def test_functional_calls_on_bare_parameters():
+    model, gm, args = tc.functional_case()
+    applied, report = tc.run_pass(crms, gm, args)
+    assert applied == 2 and report.notes == [] and len(tc.modules_of(gm, CRMSNorm)) == 2
+    tc.assert_equivalent(model, gm, args)

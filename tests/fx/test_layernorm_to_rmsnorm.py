@@ -190,3 +190,10 @@ def test_convert_then_onnx_export_verified_on_onnxruntime(tmp_path):
     op_types = {n.op_type for n in onnx.load(str(candidate)).graph.node}
     assert "LayerNormalization" not in op_types
     assert "LayerNormalization" in {n.op_type for n in onnx.load(str(reference)).graph.node}
+
+
+def test_functional_calls_on_bare_parameters():
+    model, gm, args = tc.functional_case()
+    applied, report = tc.run_pass(rms, gm, args)
+    assert applied == 2 and report.skipped == [] and tc.norm_count(gm, "LayerNorm") == 0
+    tc.assert_equivalent(model, gm, args)

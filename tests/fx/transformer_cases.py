@@ -132,3 +132,34 @@ def traced_case(dtype: torch.dtype = torch.float64, **kw) -> tuple[nn.Module, fx
 def trace(model: nn.Module) -> fx.GraphModule:
     """torch.fx.symbolic_trace of a deep copy of `model` (the passes rewrite the trace's submodules)."""
     return fx.symbolic_trace(copy.deepcopy(model))
+
+
+class FunctionalPreLN(nn.Module):
+    """Pre-LN written with torch.nn.functional on bare parameters (symbolic_trace: get_attr nodes,
+    F.embedding/F.layer_norm/F.linear calls, keyword arguments): embedding + one MLP block + final
+    LN without beta + bias-free head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = nn.Parameter(torch.randn(11, 6, generator=g) + 2)
+        self.g1 = nn.Parameter(torch.rand(6, generator=g) + 0.5)
+        self.b1 = nn.Parameter(torch.randn(6, generator=g))
+        self.w_in = nn.Parameter(torch.randn(12, 6, generator=g))
+        self.b_in = nn.Parameter(torch.randn(12, generator=g))
+        self.w_out = nn.Parameter(torch.randn(6, 12, generator=g))
+        self.b_out = nn.Parameter(torch.randn(6, generator=g))
+        self.g2 = nn.Parameter(torch.rand(6, generator=g) + 0.5)
+        self.head = nn.Parameter(torch.randn(11, 6, generator=g))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        x = F.embedding(ids, self.table)
+        h = F.layer_norm(x, (6,), self.g1, self.b1, 1e-5)
+        x = x + F.linear(F.gelu(F.linear(h, self.w_in, self.b_in)), self.w_out, self.b_out)
+        return F.linear(F.layer_norm(x, (6,), weight=self.g2, eps=1e-6), self.head)
+
+
+def functional_case() -> tuple[nn.Module, fx.GraphModule, tuple]:
+    model = FunctionalPreLN().double()
+    return model, trace(model), (torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(2)),)
