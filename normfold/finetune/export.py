@@ -25,13 +25,17 @@ NORM_OPS = frozenset({
 """Ops that spell a normalization (ReduceMean/Sqrt/Reciprocal: the decomposed forms)."""
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int, seq: int) -> onnx.ModelProto:
-    """Exports `model` (token ids (batch, seq) -> logits) to `path`; input "input", output "output"."""
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int, seq: int,
+                dtype: str = "float32") -> onnx.ModelProto:
+    """Exports `model` (token ids (batch, seq) -> logits) to `path`; input "input", output "output".
+
+    dtype "float16" exports a half-precision copy (the model itself is left alone).
+    """
     from normfold.models.export import to_onnx
     from normfold.models.transformer_zoo import TokenLogits
 
     ids = torch.zeros(batch, seq, dtype=torch.int64)
-    return to_onnx(TokenLogits(model).eval(), [ids], path, opset=18)
+    return to_onnx(TokenLogits(model).eval(), [ids], path, opset=18, dtype=dtype)
 
 
 def norm_ops(model: onnx.ModelProto) -> dict[str, int]:

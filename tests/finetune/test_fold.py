@@ -103,3 +103,13 @@ def test_loading_a_plain_checkpoint_as_ln_free_is_refused(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path)
     with pytest.raises(InputError, match="not an LN-free checkpoint"):
         fold.load_ln_free(tmp_path)
+
+
+def test_ln_free_model_runs_in_float16(tmp_path, ids):
+    """No huge-epsilon trick: the LN-free export in fp16 stays within fp16 tolerances of fp32 torch."""
+    model = _all_fake(tiny_gpt2(), ids)
+    ln_free = fold.fold(model)
+    export.export_onnx(ln_free, tmp_path / "half.onnx", batch=2, seq=16, dtype="float16")
+    check = export.verify_onnx(model, tmp_path / "half.onnx", _shifted_ids(), rtol=1e-2, atol=1e-2)
+    assert check.dtype == "float32" and check.passed, check.message
+    assert np.isfinite(check.max_abs_error) and check.max_abs_error > 0
