@@ -53,6 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", type=Path, help="write resumable checkpoints here")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="resume from a checkpoint directory")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: this rank's GPU when there is one, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                              eval_batch=args.batch, calibration_batch=args.batch,
                              checkpoint_every=args.checkpoint_every if args.checkpoint_dir else 0)
         rank, world = init_from_env()
+        model.to(_device(args.device))
         gpt2.install(model)
         trainer = Trainer(model, data, config, checkpoint_dir=args.checkpoint_dir)
     except ValueError as exc:
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None and not (args.resume / "state.json").is_file():
         raise InputError(f"{args.resume}: not a checkpoint directory (no state.json)")
     history = trainer.run(resume=args.resume)
+    model.cpu()
     ln_free = fold.fold(model)
     if world > 1:
         import torch.distributed
@@ -195,6 +199,22 @@ def _check_paths(args: argparse.Namespace) -> Path:
     if args.steps < 1 or args.batch < 1:
         raise InputError("--steps and --batch must be at least 1")
     return out
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available")
+    return device
 
 
 def _schedule(args: argparse.Namespace, layers: int, schedule_cls):

@@ -49,9 +49,10 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], norms: Mapping[st
         handles.append(module.register_forward_pre_hook(hook(name, float(module.eps))))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for batch in batches:
-            model(batch)
+            model(batch.to(device))
     finally:
         for handle in handles:
             handle.remove()

@@ -82,16 +82,16 @@ def fold(model: nn.Module) -> nn.Module:
 def _folded(weight: torch.Tensor, bias: torch.Tensor | None,
             columns: list[tuple[SwitchableNorm, slice]]) -> FoldedLinear:
     """FoldedLinear for weight (in, out) whose output columns read the given FakeLNs."""
-    w = weight.detach().double().numpy()
-    b = None if bias is None else bias.detach().double().numpy()
+    w = weight.detach().double().cpu().numpy()
+    b = None if bias is None else bias.detach().double().cpu().numpy()
     new_w, new_b, scale = np.empty_like(w), np.empty(w.shape[1]), np.ones(w.shape[1])
     for norm, cols in columns:
-        gamma = norm.weight.detach().double().numpy()
-        beta = None if norm.bias is None else norm.bias.detach().double().numpy()
+        gamma = norm.weight.detach().double().cpu().numpy()
+        beta = None if norm.bias is None else norm.bias.detach().double().cpu().numpy()
         new_w[:, cols], new_b[cols] = foldmath.fakeln_reader(w[:, cols], None if b is None else b[cols], gamma, beta,
                                                              float(norm.sigma))
         scale[cols] = float(norm.sigma) / float(norm.sigma0)
-    layer = FoldedLinear(*w.shape, position0=bool(np.any(scale != 1.0)))
+    layer = FoldedLinear(*w.shape, position0=bool(np.any(scale != 1.0))).to(weight.device)
     dtype = weight.dtype
     layer.weight.copy_(torch.from_numpy(new_w).to(dtype))
     layer.bias.copy_(torch.from_numpy(new_b).to(dtype))
@@ -101,7 +101,8 @@ def _folded(weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def _recentre_(param: torch.Tensor, *, axis: int) -> None:
-    param.copy_(torch.from_numpy(foldmath.recentre(param.detach().double().numpy(), axis=axis)).to(param.dtype))
+    recentred = foldmath.recentre(param.detach().double().cpu().numpy(), axis=axis)
+    param.copy_(torch.from_numpy(recentred).to(param.device, param.dtype))
 
 
 def has_norm_modules(model: nn.Module) -> bool:

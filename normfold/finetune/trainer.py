@@ -73,6 +73,8 @@ def distributed() -> tuple[int, int]:
 def init_from_env() -> tuple[int, int]:
     """Initialises the process group under torchrun (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return distributed()
 
@@ -104,8 +106,10 @@ class Trainer:
         self.step = 0
         self.calibration = data.calibration_batches(config.calibration_batches, config.calibration_batch, config.seq)
         self.validation = data.val_batches(config.eval_batches, config.eval_batch, config.seq)
-        if self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(model)  # buffers (norm scales) agree on every rank
+        self.device = next(model.parameters()).device
+        if self.world > 1:  # buffers (norm scales) agree on every rank
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.ddp = model
 
@@ -149,6 +153,7 @@ class Trainer:
         torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + self.rank)
         inputs, targets = self.data.train_batch(step, config.global_batch, config.seq, seed=config.seed,
                                                 rank=self.rank, world=self.world)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
         self.model.train()
         captured = []
         handle = self.final.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
@@ -226,9 +231,10 @@ def validation_ce(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
     was_training = model.training
     model.eval()
     total = 0.0
+    device = next(model.parameters()).device
     for inputs, targets in batches:
-        logits = _logits(model(inputs))
-        total += float(F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten()))
+        logits = _logits(model(inputs.to(device)))
+        total += float(F.cross_entropy(logits.flatten(0, 1).double(), targets.to(device).flatten()))
     model.train(was_training)
     return total / len(batches)
 

@@ -88,6 +88,7 @@ def test_command_refuses_an_existing_output(tmp_path, gpt2_dir, text_dir):
     (["--gaps", "2,x,3"], "expected three positive integers"),
     (["--seq", "99"], "between 2 and the model's context 16"),
     (["--steps", "9", "--removal-start", "5"], "after the last step"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_command_bad_settings_write_nothing(tmp_path, gpt2_dir, text_dir, argv, message):
     with pytest.raises(InputError, match=message):
