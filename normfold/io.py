@@ -225,8 +225,10 @@ class _Spill:
         self._file.seek(offset)
         array.tofile(self._file)
         self._file.flush()
-        return StreamedExternalTensor("spill.data", offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
-                                      shape=ir.Shape(array.shape), name=name, base_dir=self._dir)
+        tensor = StreamedExternalTensor("spill.data", offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                        shape=ir.Shape(array.shape), name=name, base_dir=self._dir)
+        tensor.spill = self  # the file lives as long as any tensor in it (a clone of the model included)
+        return tensor
 
     def _open(self) -> None:
         try:

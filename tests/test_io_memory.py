@@ -59,9 +59,14 @@ def test_rewritten_weights_are_spilled_not_held(pre_ln, monkeypatch):
                     if not isinstance(v.const_value, ir.ExternalTensor))
     assert in_memory < 4096 * len(new)  # only the small ones stay in memory
     spill_dir = next(iter(spill_dirs))
+    clone = model.clone()
     del model, new, big
     gc.collect()
-    assert not os.path.exists(spill_dir)  # removed with the model
+    assert os.path.isdir(spill_dir)  # a clone still reads from it
+    assert all(v.const_value.numpy() is not None for v in clone.graph.initializers.values())
+    del clone
+    gc.collect()
+    assert not os.path.exists(spill_dir)  # removed with the last model that used it
 
 
 def test_spilled_conversion_saves_the_same_model(pre_ln, tmp_path, monkeypatch):
