@@ -25,8 +25,9 @@ class CRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        square = x.pow(2).sum(-1, keepdim=True) + x.sum(-1, keepdim=True).pow(2)
-        return x * torch.rsqrt(square / self.width + self.eps)
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 at least
+        square = wide.pow(2).sum(-1, keepdim=True) + wide.sum(-1, keepdim=True).pow(2)
+        return (wide * torch.rsqrt(square / self.width + self.eps)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.width}, eps={self.eps}"

@@ -203,11 +203,13 @@ class _Planner:
             module = self.gm.get_submodule(node.target)
             if module.groups != 1:
                 raise NotFoldable(f"{node.name!r} is a grouped convolution")
-            refs = [ops.ParamRef(node, attr="weight")] + ([ops.ParamRef(node, attr="bias")] if module.bias is not None else [])
+            refs = [ops.ParamRef(node, attr="weight")]
+            refs += [ops.ParamRef(node, attr="bias")] if module.bias is not None else []
         else:
             if ops.arg(node, 6, "groups", 1) != 1:
                 raise NotFoldable(f"{node.name!r} is a grouped convolution")
-            refs = [ops.get_attr_ref(node, 1)] + ([ops.get_attr_ref(node, 2)] if ops.arg(node, 2, "bias") is not None else [])
+            refs = [ops.get_attr_ref(node, 1)]
+            refs += [ops.get_attr_ref(node, 2)] if ops.arg(node, 2, "bias") is not None else []
             if any(r is None for r in refs):
                 raise NotFoldable(f"the parameters of {node.name!r} are not constant")
         return [self._weight(r, 0, f"{node.name} {'weight' if i == 0 else 'bias'}") for i, r in enumerate(refs)]

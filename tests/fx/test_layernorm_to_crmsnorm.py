@@ -28,7 +28,10 @@ def test_crmsnorm_is_rmsnorm_of_the_implied_full_vector():
     assert torch.allclose(CRMSNorm(16, 1e-5)(x[..., :15]), full[..., :15], rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize(("dtype", "shift"), [(torch.float64, 0.0), (torch.float32, 100.0)], ids=["f64", "f32-shift100"])
+CASES = [(torch.float64, 0.0), (torch.float32, 100.0)]
+
+
+@pytest.mark.parametrize(("dtype", "shift"), CASES, ids=["f64", "f32-shift100"])
 @pytest.mark.parametrize("name", MODELS)
 def test_pre_ln_models_become_crmsnorm(name, dtype, shift):
     model = tc.build(name, dtype, shift=0.0 if name == "vit" else shift)
@@ -40,8 +43,10 @@ def test_pre_ln_models_become_crmsnorm(name, dtype, shift):
     assert tc.norm_count(gm, "LayerNorm") == 0
     assert len(tc.modules_of(gm, CRMSNorm)) == MODELS[name]
     ops.refresh_shapes(gm, args)
-    for module_node in (n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), CRMSNorm)):
-        assert ops.shape(module_node.args[0])[-1] == 31  # the stream is 32 wide, stored in 31
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), CRMSNorm)]
+    assert len(calls) == MODELS[name]
+    for call in calls:
+        assert ops.shape(call.args[0])[-1] == 31  # the stream is 32 wide, stored in 31
     tc.assert_equivalent(model, gm, args)
 
 
