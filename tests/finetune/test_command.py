@@ -109,3 +109,21 @@ def test_data_without_a_tokenizer_is_bytes_modulo_the_vocabulary_split_by_file(g
     np.testing.assert_array_equal(data.val, last)
     assert len(data.train) + len(data.val) == sum(len(p.read_bytes()) for p in text_dir.iterdir())
     assert data.train.max() < 64 and data.train.min() >= 0
+
+
+def test_command_writes_nothing_when_the_export_does_not_verify(tmp_path, gpt2_dir, text_dir, monkeypatch):
+    from normfold.errors import VerificationError
+
+    folded = fold.fold
+
+    def broken_fold(model):
+        ln_free = folded(model)
+        with torch.no_grad():
+            ln_free.lm_head.bias.add_(0.5)  # a wrong fold: the export no longer computes the fine-tuned model
+        return ln_free
+
+    monkeypatch.setattr(fold, "fold", broken_fold)
+    with pytest.raises(VerificationError, match="differs from the fine-tuned model"):
+        _run(gpt2_dir, "--data", text_dir, "--out", tmp_path / "out", "--steps", 7, "--batch", 2, "--seq", 8)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
