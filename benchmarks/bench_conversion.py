@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -134,13 +136,7 @@ def measure(argv: list, out: Path) -> dict:
         result = run_child(argv, cwd=out)
         outcome = {"wall_s": result["wall_s"], "rss_mib": result["rss_mib"]}
     except RuntimeError as exc:
-        text = str(exc)
-        lines = [ln for ln in text.splitlines()[1:] if ln.strip()]
-        if "exited -9" in text.splitlines()[0] or "exited 137" in text.splitlines()[0]:
-            reason = "killed (time limit or out of memory)"
-        else:
-            reason = (lines[-1] if lines else text.splitlines()[0])[:240]
-        outcome = {"error": reason}
+        outcome = {"error": failure_reason(str(exc))}
     report = out / "report.json"
     if report.is_file():
         data = json.loads(report.read_text())
@@ -152,6 +148,19 @@ def measure(argv: list, out: Path) -> dict:
         else:
             p.unlink()
     return outcome
+
+
+def failure_reason(text: str) -> str:
+    """One line saying why a child failed: its signal, else the last line of its stderr."""
+    first = text.splitlines()[0]
+    match = re.search(r"exited (-?\d+)", first)
+    code = int(match.group(1)) if match else None
+    if code in (-9, 137):
+        return "killed (SIGKILL: its time limit, or the system out of memory)"
+    if code is not None and code < 0:
+        return f"crashed ({signal.Signals(-code).name}; under the memory cap, an allocation failure)"
+    lines = [ln for ln in text.splitlines()[1:] if ln.strip()]
+    return (lines[-1] if lines else first)[:240]
 
 
 def run_size(work: Path, mb: int, peers: list[str], args) -> dict:
@@ -216,7 +225,7 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
         L.append("|---|--:|--:|--:|--:|---|")
         for label, v in r["runs"].items():
             if "error" in v:
-                L.append(f"| {label} | | | | | **failed**: {v['error']} |")
+                L.append(f"| {label} | | | | | **failed**: {failure_reason(v['error'])} |")
                 continue
             note = ""
             if "rewritten" in v:
@@ -311,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "conversion_cost.md")
     parser.add_argument("--plot", type=Path, default=RESULTS / "conversion_scaling.png")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "normfold-conversion")
+    parser.add_argument("--from-json", type=Path, help="re-render the results a run saved (conversion_partial.json)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     scaling = [int(s) for s in args.scaling.split(",") if s]
@@ -321,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = []
-    for mb in sorted(set(sizes) | set(scaling)):
+    results = json.loads(args.from_json.read_text()) if args.from_json else []
+    for mb in [] if args.from_json else sorted(set(sizes) | set(scaling)):
         results.append(run_size(work, mb, peers if mb in sizes else [], args))
+        results[-1]["elapsed_s"] = time.perf_counter() - started
         (work / "conversion_partial.json").write_text(json.dumps(results))
-    text = render(machine_info(), args, [r for r in results if r["mb"] in sizes], time.perf_counter() - started)
+    total = results[-1].get("elapsed_s", 0.0) if args.from_json else time.perf_counter() - started
+    text = render(machine_info(), args, [r for r in results if r["mb"] in sizes], total)
     text += "\n" + "\n".join(render_scaling(results))
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
