@@ -49,6 +49,8 @@ def run(gm: fx.GraphModule, example_inputs: tuple, report: PassReport) -> int:
             continue  # erased by an earlier fold
         affine = find_affine(gm, node)
         if affine is None:
+            if (reason := ops.why_unmatched(gm, node)) is not None:
+                report.skipped.append(Skip(node_label(node), reason))
             continue
         linears, reason = linear_readers(gm, affine)
         if reason is not None:

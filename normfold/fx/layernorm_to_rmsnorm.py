@@ -62,6 +62,8 @@ def skip_unconverted(gm: fx.GraphModule, streams, refusals: dict[int, str], repo
         norm = ops.as_norm(gm, node)
         if norm is not None and norm.kind == "LayerNorm" and node not in in_streams:
             report.skipped.append(Skip(node_label(node), why_outside(gm, norm)))
+        elif norm is None and ops.kind(gm, node) == "layer_norm":
+            report.skipped.append(Skip(node_label(node), ops.why_unmatched(gm, node)))
 
 
 def why_outside(gm: fx.GraphModule, norm: NormOp) -> str:

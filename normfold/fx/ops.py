@@ -333,6 +333,19 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> NormOp | None:
     return NormOp(node, label, node.args[0], int(normalized[0]), args.get("eps"), refs.get("weight"), refs.get("bias"))
 
 
+def why_unmatched(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """For a LayerNorm/RMSNorm call as_norm does not match, why (None for any other node)."""
+    if kind(gm, node) not in ("layer_norm", "rms_norm") or as_norm(gm, node) is not None:
+        return None
+    if node.op == "call_module" and parametrize.is_parametrized(gm.get_submodule(node.target)):
+        return "its parameters are parametrized (trained through a function)"
+    shape_arg = gm.get_submodule(node.target).normalized_shape if node.op == "call_module" else \
+        {**dict(zip(call_arg_names(node), node.args)), **node.kwargs}.get("normalized_shape")
+    if shape_arg is not None and len(shape_arg) != 1:
+        return f"it normalizes over {len(shape_arg)} axes, not the last one only"
+    return "its gamma/beta are not parameters of the module"
+
+
 def set_bias(gm: fx.GraphModule, linear: LinearOp, value, *, suffix: str) -> None:
     """Gives the linear layer at `linear.node` the bias `value`, adding one where it had none."""
     if linear.bias is not None:

@@ -197,3 +197,20 @@ def test_functional_calls_on_bare_parameters():
     applied, report = tc.run_pass(rms, gm, args)
     assert applied == 2 and report.skipped == [] and tc.norm_count(gm, "LayerNorm") == 0
     tc.assert_equivalent(model, gm, args)
+
+
+def test_layernorm_over_two_axes_is_reported_not_converted():
+    class TwoAxes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm((4, 8))
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.ln(x + 1.0))
+
+    model = TwoAxes().double()
+    gm = tc.trace(model)
+    applied, report = tc.run_pass(rms, gm, (torch.randn(2, 4, 8, dtype=torch.float64),))
+    assert applied == 0
+    assert [s.reason for s in report.skipped] == ["it normalizes over 2 axes, not the last one only"]
