@@ -1,4 +1,4 @@
-"""The `normfold` command: convert, inspect, verify, passes, bench.
+"""The `normfold` command: convert, inspect, verify, passes, bench, remove-layernorm.
 
 Exit codes: 0 success (or nothing to do), 1 verification failed, 2 bad input or usage.
 Every error is one line on stderr; `--debug` shows the traceback instead.
@@ -14,7 +14,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from normfold import __version__
+from normfold import __version__, remove_layernorm_command
 from normfold.atomic import strict_json, write_json
 from normfold.errors import InputError, NormfoldError, VerificationError
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(seed=None)  # None: not given (a reference file brings its own seed); 0 otherwise
 
     sub.add_parser("passes", help="list the available passes")
+    remove_layernorm_command.add_parser(sub)
 
     bench = sub.add_parser("bench", help="measure onnxruntime latency and memory of one or more models",
                            description="Times the models on the same seeded inputs, repetitions interleaved "
@@ -437,7 +438,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "passes": cmd_passes,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "remove-layernorm": remove_layernorm_command.run}
 
 
 def _verify_kwargs(args) -> dict:

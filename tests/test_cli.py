@@ -141,3 +141,13 @@ def test_installed_command_runs_without_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == f"normfold: error: {missing}: no such file\n"
+
+
+def test_remove_layernorm_is_a_subcommand(tmp_path, capsys):
+    """`normfold remove-layernorm` is wired into the CLI: a bad model directory is one line, exit 2,
+    nothing written (its full behaviour is in tests/finetune/test_command.py)."""
+    out = tmp_path / "out"
+    assert main(["remove-layernorm", str(tmp_path / "missing"), "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json" in err[0]
+    assert not out.exists()
