@@ -113,8 +113,8 @@ def call_arg_names(node: fx.Node) -> tuple[str, ...]:
 def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Records every tensor node's current shape and dtype as node.meta["val"] (a meta tensor), by
     running the module once on `example_inputs` (earlier rewrites may have changed widths). If the run
-    fails, the shapes recorded so far stay (torch.export's own, or none). Functional calls are made
-    positional first (positional_calls)."""
+    fails, the shapes recorded so far stay (torch.export's own, or none); buffers the run updates are
+    restored. Functional calls are made positional first (positional_calls)."""
 
     class _Recorder(fx.Interpreter):
         def run_node(self, node):
@@ -124,11 +124,17 @@ def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             return result
 
     positional_calls(gm)
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad():
             _Recorder(gm).run(*example_inputs)
     except Exception:  # noqa: BLE001 - shapes stay as recorded; unknown ones make the passes refuse
         pass
+    finally:  # a training-mode BatchNorm updated its running statistics: put them back
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
 
 
 def arg(node: fx.Node, index: int, name: str, default=None):
@@ -183,28 +189,38 @@ class ParamRef:
         (torch.nn.utils.parametrize), for training."""
         old = self.get(gm)
         tensor = torch.as_tensor(np.asarray(value)).to(dtype=old.dtype, device=old.device)
-        param = nn.Parameter(tensor, requires_grad=old.requires_grad)
-        owner, name = self._owner(gm, suffix)
-        setattr(owner, name, param)
+        if isinstance(old, nn.Parameter) or parametrization is not None:
+            tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        owner, name = self._owner(gm, suffix, tensor)
         if parametrization is not None:
             parametrize.register_parametrization(owner, name, parametrization)
 
-    def _owner(self, gm: fx.GraphModule, suffix: str) -> tuple[nn.Module, str]:
+    def _owner(self, gm: fx.GraphModule, suffix: str, tensor: torch.Tensor) -> tuple[nn.Module, str]:
+        """Stores `tensor` where this node reads it (a new attribute if the old one has other readers)."""
         if self.attr is not None:
-            return own_module(gm, self.node), self.attr
+            module = own_module(gm, self.node)
+            setattr(module, self.attr, tensor)
+            return module, self.attr
         source = self.node.args[self.index]
         target = source.target
-        if len(source.users) > 1 or any(n is not source and n.op == "get_attr" and n.target == target and n.users
-                                        for n in gm.graph.nodes):
+        shared = len(source.users) > 1 or any(
+            n is not source and n.op == "get_attr" and n.target == target and n.users for n in gm.graph.nodes)
+        if shared:
             target = unique_attr_name(gm, f"{target}_{suffix}")
-            prefix, _, name = target.rpartition(".")
-            (gm.get_submodule(prefix) if prefix else gm).register_parameter(name, nn.Parameter(torch.empty(0)))
+        prefix, _, name = target.rpartition(".")
+        owner = gm.get_submodule(prefix) if prefix else gm
+        if name in owner._parameters or name in owner._buffers or name in owner.__dict__:
+            delattr(owner, name)
+        if isinstance(tensor, nn.Parameter):
+            owner.register_parameter(name, tensor)
+        else:
+            owner.register_buffer(name, tensor)
+        if shared:
             with gm.graph.inserting_before(self.node):
                 fresh = gm.graph.get_attr(target)
             fresh.meta = dict(source.meta)
             self.node.update_arg(self.index, fresh)
-        prefix, _, name = target.rpartition(".")
-        return (gm.get_submodule(prefix) if prefix else gm), name
+        return owner, name
 
 
 def own_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
