@@ -195,7 +195,6 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-
 TRAINABLE = SimpleNamespace(NAME=NAME, TOLERANCE_CLASS=TOLERANCE_CLASS, run=partial(run, trainable=True))
 """The pass with `trainable=True`, for normfold.fx.convert(module, inputs, [TRAINABLE]): the converted
 module keeps its recentring in the forward pass (freeze it with normfold.fx.modules.freeze)."""

@@ -49,7 +49,7 @@ def plan(gm: fx.GraphModule, node: fx.Node, width: int, *, drop_last: bool = Fal
         raise NotFoldable(f"the shape of {node.name!r} is unknown")
     planner = _Planner(gm, width, drop_last, trainable)
     if node.op == "get_attr":
-        return [planner._parameter(node, len(dims) - 1, consumer=consumer)]
+        return [planner.parameter(node, len(dims) - 1, consumer=consumer)]
     return planner.plan(node, len(dims) - 1, top=True, depth=0)
 
 
@@ -58,7 +58,7 @@ def scalar_edit(node: fx.Node, index: int) -> Edit:
     return lambda: node.update_arg(index, 0)
 
 
-def gm_embedding_renorms(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _renorms_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An nn.Embedding with max_norm rescales the rows it looks up: recentring them would change that."""
     return getattr(gm.get_submodule(node.target), "max_norm", None) is not None
 
@@ -87,7 +87,7 @@ class _Planner:
         if node.op == "placeholder":
             raise NotFoldable(f"{node.name!r} is a module input")
         if node.op == "get_attr":
-            return [self._parameter(node, axis)]
+            return [self.parameter(node, axis)]
         if not top and len(ops.readers(node)) > 1:
             raise NotFoldable(f"{node.name!r} is also read elsewhere")
         k = ops.kind(self.gm, node)
@@ -99,7 +99,7 @@ class _Planner:
                 edits.append(self._weight(linear.bias, 0, f"{node.name} bias"))
             return edits
         if k == "embedding" and axis == rank - 1:
-            if node.op == "call_module" and gm_embedding_renorms(self.gm, node):
+            if node.op == "call_module" and _renorms_rows(self.gm, node):
                 raise NotFoldable(f"{node.name!r} renormalizes its rows (max_norm)")
             index = 1 if ops.call_arg_names(node)[:2] == ("input", "weight") else 0
             ref = ops.ParamRef(node, attr="weight") if node.op == "call_module" else ops.get_attr_ref(node, index)
@@ -118,11 +118,13 @@ class _Planner:
             return self._operand(src, axis, depth)
         if k in ("add", "sub") and len(node.args) >= 2 and ops.arg(node, 2, "alpha", 1) == 1:
             return [e for i in (0, 1) for e in self._broadcast_operand(node, i, axis, rank, depth)]
-        if k in ("mul", "div"):
-            other = node.args[1]
-            if isinstance(other, (int, float)):
-                return self._operand(src, axis, depth)
-            raise NotFoldable(f"{node.name!r} is a product with a computed value")
+        if k in ("mul", "div") and len(node.args) == 2:
+            a, b = node.args
+            if isinstance(b, (int, float)):  # x * c, x / c
+                return self._operand(a, axis, depth)
+            if k == "mul" and isinstance(a, (int, float)):  # c * x
+                return self._operand(b, axis, depth)
+            raise NotFoldable(f"{node.name!r} is a product or quotient of computed values")
         if k == "transpose":
             dims = [ops.arg(node, i, f"dim{i - 1}") % rank for i in (1, 2)]
             source = dims[1] if axis == dims[0] else dims[0] if axis == dims[1] else axis
@@ -159,7 +161,7 @@ class _Planner:
         shifted = axis - (rank - len(dims))
         if shifted < 0 or (dims[shifted] == 1 and self.width > 1):
             if operand.op == "get_attr" and not self.drop_last:
-                return [self._parameter(operand, max(shifted, 0), consumer=node)]
+                return [self.parameter(operand, max(shifted, 0), consumer=node)]
             raise NotFoldable(f"{operand.name!r} is added uniformly along the width and is not a parameter")
         return self._operand(operand, shifted, depth)
 
@@ -227,7 +229,7 @@ class _Planner:
         new = self._drop(foldmath.recentre(original, axis=axis), axis)
         return lambda: ref.set(self.gm, new, suffix="recentred")
 
-    def _parameter(self, node: fx.Node, axis: int, consumer: fx.Node | None = None) -> Edit:
+    def parameter(self, node: fx.Node, axis: int, consumer: fx.Node | None = None) -> Edit:
         """Replaces a get_attr parameter (for `consumer`, or all its readers) by its recentred copy."""
         value = fetch_attr(self.gm, node.target)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
