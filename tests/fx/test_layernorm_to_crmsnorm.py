@@ -131,3 +131,19 @@ def test_functional_calls_on_bare_parameters():
     applied, report = tc.run_pass(crms, gm, args)
     assert applied == 2 and report.notes == [] and len(tc.modules_of(gm, CRMSNorm)) == 2
     tc.assert_equivalent(model, gm, args)
+
+
+@pytest.mark.parametrize("variant", [
+    {"parallel": True, "shared_ln": True},
+    {"parallel": True, "width": 24, "heads": 3},
+    {"bias": False, "tied": False, "mlp": "swiglu", "depth": 3},
+], ids=["parallel-shared-ln", "parallel", "swiglu-nobias-untied"])
+def test_tiny_gpt_architecture_variants(variant):
+    model = tc.build("tiny_gpt", shift=7.0, **variant)
+    args = tc.inputs("tiny_gpt")
+    gm = tc.export(model, args)
+    norms = tc.norm_count(gm, "LayerNorm")
+    applied, report = tc.run_pass(crms, gm, args)
+    assert applied == norms and report.notes == [] and report.skipped == []
+    assert len(tc.modules_of(gm, CRMSNorm)) == norms
+    tc.assert_equivalent(model, gm, args)
