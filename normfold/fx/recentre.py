@@ -146,6 +146,8 @@ class _Planner:
             if self.drop_last and k in _SIZES:
                 edits.append(self._size_edit(node, axis, rank))
             return edits
+        if ops.as_norm(self.gm, node) is not None:
+            raise NotFoldable(f"{node.name!r} is the output of a norm, whose gamma and beta give it a mean")
         raise NotFoldable(f"{node.name!r} is computed by {k}, which normfold cannot recentre by folding")
 
     def _operand(self, node, axis: int, depth: int) -> list[Edit]:
