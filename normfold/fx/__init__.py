@@ -42,6 +42,7 @@ def convert(
     capture: str = "auto",
     dynamic: bool = False,
     verify: bool = True,
+    for_training: bool = False,
 ) -> tuple[torch.fx.GraphModule, FxReport]:
     """Rewrites a copy of `module` with `passes` (names; None: the default passes) and returns it as a
     GraphModule with its report.
@@ -52,9 +53,12 @@ def convert(
     With `verify`, the result is compared with `module` in float64 (normfold.fx.verify_module) when
     any rewrite applied; report.verification holds the result and VerificationError (with `.report`)
     is raised when it fails.
+    `for_training` selects each pass's trainable form (the module keeps training like the original:
+    recentring stays in the forward pass, normfold.fx.modules.freeze makes it plain weights); passes
+    without one are refused.
     """
     inputs = normalize_inputs(example_inputs)
-    selected = registry.resolve(passes)
+    selected = registry.resolve(passes, trainable=for_training)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     captured = capture_module(copy.deepcopy(module), inputs, capture, dynamic=dynamic)

@@ -45,10 +45,15 @@ def available() -> list[str]:
     return [name for name in PASSES if load(name) is not None]
 
 
-def resolve(passes: Sequence[str | ModuleType] | None) -> list[ModuleType]:
-    """Pass modules for names (or pass modules given directly); None means the default passes."""
+def resolve(passes: Sequence[str | ModuleType] | None, *, trainable: bool = False) -> list[ModuleType]:
+    """Pass modules for names (or pass modules given directly); None means the default passes.
+
+    With `trainable`, each named pass is its `TRAINABLE` form (a result that keeps training like the
+    original); a pass without one is refused, and None means the default passes that have one.
+    """
     if passes is None:
-        return [module for name in DEFAULT_PASSES if (module := load(name)) is not None]
+        defaults = [module for name in DEFAULT_PASSES if (module := load(name)) is not None]
+        return [m.TRAINABLE for m in defaults if hasattr(m, "TRAINABLE")] if trainable else defaults
     if isinstance(passes, str):
         passes = [passes]
     resolved = []
@@ -61,7 +66,11 @@ def resolve(passes: Sequence[str | ModuleType] | None) -> list[ModuleType]:
         module = load(item)
         if module is None:
             raise InputError(f"unknown FX pass {item!r}; known passes: {', '.join(available())}")
-        resolved.append(module)
+        if trainable and not hasattr(module, "TRAINABLE"):
+            trainable_names = [n for n in available() if hasattr(load(n), "TRAINABLE")]
+            raise InputError(f"FX pass {item!r} has no trainable form (its result would train differently); "
+                             f"trainable passes: {', '.join(trainable_names)}")
+        resolved.append(module.TRAINABLE if trainable else module)
     if not resolved:
         raise InputError("no passes selected")
     return resolved

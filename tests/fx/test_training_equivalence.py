@@ -130,6 +130,20 @@ def test_through_convert_with_the_trainable_pass(tiny_gpt):
     assert _gap(_train(gm, "adamw"), _train(copy.deepcopy(tiny_gpt), "adamw")) < 1e-10
 
 
+def test_for_training_selects_the_trainable_forms(tiny_gpt):
+    """convert(..., for_training=True): by name or by default, the trainable pass; a pass without a
+    trainable form (folding gamma, or a BatchNorm, changes how the model trains) is refused."""
+    import normfold.fx as nfx
+    from normfold.errors import InputError
+
+    for passes in (None, ["layernorm-to-rmsnorm"]):
+        gm, report = nfx.convert(tiny_gpt, tc.inputs("tiny_gpt"), passes, for_training=True)
+        assert [p.name for p in report.passes] == ["layernorm-to-rmsnorm"] and is_trainable(gm)
+    for name in ("fold-norm-affine", "fold-batchnorm", "layernorm-to-crmsnorm"):
+        with pytest.raises(InputError, match=f"{name}.*no trainable form"):
+            nfx.convert(tiny_gpt, tc.inputs("tiny_gpt"), [name], for_training=True)
+
+
 class _WithDropout(tc.TracedPreLN):
     """Branch outputs through nn.Dropout(0.1) before the residual sums."""
 
