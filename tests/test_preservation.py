@@ -1,10 +1,10 @@
 """Nothing lost: `normfold convert` on every model of normfold.models keeps what it did not rewrite.
 
 Each factory (CNN_FACTORIES and TRANSFORMER_FACTORIES) is exported once per session (TorchScript exporter,
-opset 18; two transformers also with the dynamo exporter), given metadata a user's model carries (producer
-name and version, model and graph doc strings, domain, model_version, metadata_props, an extra opset
-import), saved with all its tensors in an external
-data file of its own name (`weights.bin`), and converted by the CLI with the default passes and output
+opset 18; two transformers also with the dynamo exporter, a CNN and a transformer also in float16), given
+metadata a user's model carries (producer name and version, model and graph doc strings, domain,
+model_version, metadata_props, an extra opset import), saved with all its tensors in an external data file
+of its own name (`weights.bin`), and converted by the CLI with the default passes and output
 (`MODEL.normfold.onnx` beside the input). Then:
 
 - metadata: producer, doc strings, domain, model_version, opset imports and IR version are unchanged;
@@ -28,6 +28,7 @@ was, and the input untouched, with one error line (simulated ENOSPC; a real EFBI
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -50,23 +51,25 @@ from normfold.io import PROVENANCE_KEY, from_proto  # noqa: E402
 
 from io_builders import add_model, all_tensor_protos, external_locations, listing, run_normfold  # noqa: E402
 
-CASES = [(n, "torchscript") for n in list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)]
-CASES += [("tiny_gpt", "dynamo"), ("vit", "dynamo")]  # fused LayerNormalization, the dynamo exporter's names
+CASES = [(n, "torchscript", "float32") for n in list(models.CNN_FACTORIES) + list(models.TRANSFORMER_FACTORIES)]
+CASES += [("tiny_gpt", "dynamo", "float32"), ("vit", "dynamo", "float32")]  # fused LayerNorm, dynamo's names
+CASES += [("llama", "torchscript", "float16"), ("resnet_like", "torchscript", "float16")]
 EXTRA_OPSET = ("com.example.preservation", 1)
 PROPS = {"author": "preservation test", "license": "Apache-2.0", "zz.last": "kept in order"}
 
 
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory) -> dict[tuple[str, str], onnx.ModelProto]:
-    """(name, exporter) -> the exported model (with its tensors embedded), exported once per session."""
+def exports(tmp_path_factory) -> dict[tuple[str, str, str], onnx.ModelProto]:
+    """(name, exporter, dtype) -> the exported model (with its tensors embedded), exported once per session."""
     import torch
 
     from normfold.models.export import build_onnx
 
     torch.set_num_threads(1)
     directory = tmp_path_factory.mktemp("exports")
-    return {(name, exporter): build_onnx(name, seed=0, path=directory / f"{name}-{exporter}.onnx", exporter=exporter)
-            for name, exporter in CASES}
+    return {case: build_onnx(case[0], seed=0, path=directory / ("-".join(case) + ".onnx"), exporter=case[1],
+                             dtype=case[2])
+            for case in CASES}
 
 
 def decorated(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -103,9 +106,9 @@ def removable(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name,exporter", CASES)
-def test_convert_preserves_what_it_does_not_rewrite(name, exporter, exports, tmp_path, capsys):
-    original = decorated(exports[name, exporter])
+@pytest.mark.parametrize("name,exporter,dtype", CASES)
+def test_convert_preserves_what_it_does_not_rewrite(name, exporter, dtype, exports, tmp_path, capsys):
+    original = decorated(exports[name, exporter, dtype])
     src_dir = tmp_path / "in"
     src_dir.mkdir()
     src = src_dir / f"{name}.onnx"
@@ -122,7 +125,9 @@ def test_convert_preserves_what_it_does_not_rewrite(name, exporter, exports, tmp
     assert report["output"] == str(out) and report["verification"]["passed"], report
     assert sum(p["applied"] for p in report["passes"]) > 0, report  # every model has a rewrite
 
-    # the input's files are untouched; the output has its own data file, beside it
+    # the input's files are untouched; the output has its own data file, beside it; the spill directory of
+    # rewritten weights (normfold.io) is gone once the converted model is
+    gc.collect()
     after = {p.name: sha(p) for p in src_dir.iterdir()}
     assert {k: after[k] for k in inputs_before} == inputs_before
     assert external_locations(out) <= {out.name + ".data"}
