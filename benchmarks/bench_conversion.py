@@ -252,8 +252,9 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
                      f"| {'yes' if ratio <= TARGET_TIME else '**no**'} | {v['rss_mib']:.0f} | {share:.3f} "
                      f"| {'yes' if share < TARGET_MEMORY else '**no**'} |")
         L.append("")
-    L.append(f"Total benchmark time: {total_s:.0f} s.")
-    L.append("")
+    if total_s:
+        L.append(f"Total benchmark time: {total_s:.0f} s.")
+        L.append("")
     return "\n".join(L)
 
 
@@ -327,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     peers = [p for p in args.peers.split(",") if p]
     if set(peers) - set(peer_tools.PEERS) or args.repeats < 1:
         parser.error(f"--peers from {', '.join(peer_tools.PEERS)}; --repeats at least 1")
-    args.command_line = " ".join(["python", "benchmarks/bench_conversion.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else list(argv)
+    if args.from_json:  # the command that measured, not the one re-rendering
+        i = given.index("--from-json") if "--from-json" in given else None
+        given = given[:i] + given[i + 2:] if i is not None else [a for a in given if not a.startswith("--from-json")]
+    args.command_line = " ".join(["python", "benchmarks/bench_conversion.py", *given])
     started = time.perf_counter()
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
