@@ -355,6 +355,24 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
     return "\n".join(L)
 
 
+def render_saved(args, files: list[Path]) -> int:
+    """Writes the report of saved runs (each run's results JSON), merged model by model."""
+    merged: dict[str, dict] = {}
+    commands = []
+    for f in files:
+        saved = json.loads(f.read_text())
+        for r in saved["results"]:
+            merged[r["name"]] = r
+        commands.append(saved["command_line"])
+        args.load_start = saved["load_start"]
+    args.command_line = "` and `".join(commands)
+    results = [merged[n] for n in MODELS if n in merged]
+    text = render(machine_info(), args, results, sum(json.loads(f.read_text())["seconds"] for f in files))
+    args.out.write_text(text)
+    log(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
@@ -367,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "normfold-bench",
                         help="model cache and scratch outputs")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached models")
+    parser.add_argument("--from-json", help="comma-separated saved results (peers_runtime_partial.json) to render "
+                                            "instead of measuring; a later file's model replaces an earlier one's")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
     peers = [p for p in args.peers.split(",") if p]
@@ -375,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.repeats is not None and args.repeats < 1) or args.warmups < 0:
         parser.error("--repeats must be at least 1 and --warmups at least 0")
     args.command_line = " ".join(["python", "benchmarks/bench_peers.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.from_json:
+        return render_saved(args, [Path(f) for f in args.from_json.split(",")])
 
     from normfold import bench
 
@@ -392,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                                      repeats=args.repeats or MODELS[name]["repeats"]))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        (work / "peers_runtime_partial.json").write_text(json.dumps(results, default=str))
+        saved = {"command_line": args.command_line, "load_start": args.load_start,
+                 "seconds": time.perf_counter() - started, "results": results}
+        (work / "peers_runtime_partial.json").write_text(json.dumps(saved, default=str))
     text = render(machine_info(), args, results, time.perf_counter() - started)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
