@@ -45,7 +45,8 @@ Example counts in CI: 200 examples per pass (each example of a pass test checks 
 idempotence and, when small and target "onnx", the differential property), 120 for the default
 pipeline on transformers and 80 on CNNs, plus the strict xfails (about 60-75 s of CPU on 2 cores). Long mode:
 NORMFOLD_LONG=1 runs 10000 examples per property (NORMFOLD_LONG=1 pytest tests/passes/test_metamorphic.py,
-hours; about 6 minutes per 1000 examples of a pass test; NORMFOLD_LONG=N runs N, see long_mode).
+hours: 3 to 6 minutes per 1000 examples of a pass test on a shared 2-core machine; NORMFOLD_LONG=N runs N,
+see long_mode).
 A failure prints the falsifying example (a transformer_graphs.Config or a Stack: copy it into
 tg.build / build_stack) and a @reproduce_failure blob (print_blob) with the seed.
 """
