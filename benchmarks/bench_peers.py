@@ -358,16 +358,22 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
 def render_saved(args, files: list[Path]) -> int:
     """Writes the report of saved runs (each run's results JSON), merged model by model."""
     merged: dict[str, dict] = {}
-    commands = []
+    source: dict[str, str] = {}
+    commands, starts = [], []
     for f in files:
         saved = json.loads(f.read_text())
         for r in saved["results"]:
             merged[r["name"]] = r
+            source[r["name"]] = saved["command_line"]
         commands.append(saved["command_line"])
-        args.load_start = saved["load_start"]
+        starts.append(saved["load_start"])
     args.command_line = "` and `".join(commands)
+    args.load_start = ", ".join(starts)
     results = [merged[n] for n in MODELS if n in merged]
     text = render(machine_info(), args, results, sum(json.loads(f.read_text())["seconds"] for f in files))
+    if len(files) > 1:
+        runs = "; ".join(f"{n}: `{source[n]}`" for n in merged)
+        text = text.replace("\n## ", f"\nMerged from separate runs (date and machine rows: rendering time): {runs}.\n\n## ", 1)
     args.out.write_text(text)
     log(f"wrote {args.out}")
     return 0
