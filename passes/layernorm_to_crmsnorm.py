@@ -138,11 +138,21 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) ->
             raise NotLinear(f"Gemm {node_label(node)} has transA=1")
         if weight.ndim != 2 or weight.shape[axis] != width:
             raise NotLinear(f"{node.op_type} {node_label(node)} does not read the norm's {width} features")
-        new_weight = cast_checked(foldmath.crms_input_weight(weight, gamma, axis=axis), weight.dtype, "weight")
-        w64 = np.asarray(weight, dtype=np.float64)
-        delta = (beta @ w64 if axis == 0 else w64 @ beta) if np.any(beta) else None
-        edits.append(linear_edit(node, new_weight, delta, model))
+        _reader_fold(node, weight, gamma, beta, axis, model)  # checks it now: nothing is changed if any reader fails
+        edits.append(lambda node=node, axis=axis: _reader_fold(
+            node, constant(node.inputs[1], model).array, gamma, beta, axis, model)())
     return edits
+
+
+def _reader_fold(node: ir.Node, weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, axis: int, model: ir.Model):
+    """The edit folding (gamma, beta) and the implied last element into a linear reader with `weight`.
+
+    Applied after the writers' edits and computed from the weight then in place: a linear that both reads
+    a norm and writes the stream (its only projection) gets both edits, rows and columns."""
+    new_weight = cast_checked(foldmath.crms_input_weight(weight, gamma, axis=axis), weight.dtype, "weight")
+    w64 = np.asarray(weight, dtype=np.float64)
+    delta = (beta @ w64 if axis == 0 else w64 @ beta) if np.any(beta) else None
+    return linear_edit(node, new_weight, delta, model)
 
 
 def _readers_through_views(value: ir.Value, model: ir.Model, views=(), depth: int = 0):
