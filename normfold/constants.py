@@ -40,6 +40,14 @@ class Constant:
     reason: str = ""
 
 
+def is_constant(value: ir.Value | None, model: ir.Model) -> bool:
+    """Whether `constant(value, model)` has contents, without reading an initializer's data."""
+    if value is not None and value.is_initializer():
+        overridable = value.is_graph_input() and model.ir_version >= LEGACY_INPUT_INITIALIZERS_IR
+        return value.const_value is not None and not overridable
+    return constant(value, model).array is not None
+
+
 def constant(value: ir.Value | None, model: ir.Model, _depth: int = 0) -> Constant:
     """Returns the value's contents if it is a compile-time constant, else the reason it is not."""
     if value is None:

@@ -184,14 +184,22 @@ def new_tensor(model: ir.Model, array: np.ndarray, name: str) -> ir.TensorProtoc
 
 
 class StreamedExternalTensor(ir.ExternalTensor):
-    """An external tensor whose values are copied out of the file and unmapped on every read: the
+    """An external tensor whose values are read out of the file (not memory-mapped) on every read: the
     array is the caller's to keep or drop, so reading every weight once does not leave the whole model
     resident (an mmap's touched pages would stay, and count as resident, until released)."""
 
     def numpy(self) -> np.ndarray:
-        array = super().numpy().copy()
+        if self.dtype.bitwidth < 8:  # packed 4-bit types: onnx-ir unpacks them
+            array = super().numpy().copy()
+            self.release()
+        else:  # read, not mapped: one copy in memory, never the file's pages as well
+            with open(self.path, "rb") as file:
+                file.seek(self.offset or 0)
+                array = np.fromfile(file, dtype=self.dtype.numpy(), count=self.size)
+            if array.size != self.size:
+                raise InputError(f"external data of {self.name!r} in {self.location!r} ends before its {self.size} elements")
+            array = array.reshape(self.shape.numpy())
         array.flags.writeable = False  # like onnx-ir's read-only map: passes never mutate a tensor
-        self.release()
         return array
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

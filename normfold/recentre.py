@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normfold import foldmath
-from normfold.constants import constant
+from normfold.constants import constant, is_constant
 from normfold.rewrite import add_initializer, unique_node_name
 from normfold.shapes import rank
 
@@ -105,7 +105,7 @@ class _Planner:
             raise NotFoldable(f"{value.name!r} is too far from any constant")
         const = constant(value, self.model)
         if const.array is not None:
-            return [self._constant(value, const.array, axis, value_rank, use)]
+            return [self._constant(value, const.array.ndim, axis, value_rank, use)]
         node = value.producer()
         if node is None:
             raise NotFoldable(f"{value.name!r} is a graph input")
@@ -229,30 +229,38 @@ class _Planner:
         array = constant(v, self.model).array
         if array is None:
             raise NotFoldable(f"{v.name!r} is added uniformly along the width and is not constant")
-        return [self._constant(v, array, axis, value_rank, (node, index))]
+        return [self._constant(v, array.ndim, axis, value_rank, (node, index))]
 
     def _weight(self, node: ir.Node, index: int, *, axis: int) -> Edit:
-        """An edit giving `node` a new initializer: its input `index` recentred along `axis`."""
-        array = constant(node.inputs[index], self.model).array
-        if array is None:
+        """An edit giving `node` a new initializer: its input `index` recentred along `axis`.
+
+        The weight is read again and recentred when the edit is applied, not when it is planned, so a
+        stream's writers are never all in memory at once (each new tensor is spilled as it is made)."""
+        if not is_constant(node.inputs[index], self.model):
             raise NotFoldable(f"{node.op_type} input {node.inputs[index].name!r} is not constant")
-        new = self._drop(foldmath.recentre(array, axis=axis, width=self.width), axis).astype(array.dtype)
-        model = self.model
+        source, model = node.inputs[index], self.model
 
         def apply() -> None:
-            old = node.inputs[index]
-            node.replace_input_with(index, add_initializer(node.graph, f"{old.name}_recentred", new, model))
+            new = self._recentred(constant(source, model).array, axis)
+            node.replace_input_with(index, add_initializer(node.graph, f"{source.name}_recentred", new, model))
 
         return apply
 
-    def _constant(self, value, array, axis, value_rank, use) -> Edit:
-        """An edit replacing a constant by its recentred copy, for one use or for all of them."""
-        full = array.reshape((1,) * (value_rank - array.ndim) + array.shape)
-        new = self._drop(foldmath.recentre(full, axis=axis, width=self.width), axis).astype(array.dtype)
+    def _recentred(self, array: np.ndarray, axis: int) -> np.ndarray:
+        """`array` recentred along `axis` (widened to the stream's width if it broadcasts), in its dtype."""
+        if array.shape[axis] == self.width:
+            return self._drop(foldmath.recentre_as(array, array.dtype, axis=axis), axis)
+        return self._drop(foldmath.recentre(array, axis=axis, width=self.width), axis).astype(array.dtype)
+
+    def _constant(self, value, ndim, axis, value_rank, use) -> Edit:
+        """An edit replacing a constant by its recentred copy, for one use or for all of them (read
+        again and recentred when applied, as `_weight`)."""
         uses = [use] if use is not None else list(value.uses())
         model = self.model
 
         def apply() -> None:
+            array = constant(value, model).array
+            new = self._recentred(array.reshape((1,) * (value_rank - ndim) + array.shape), axis)
             replacement = add_initializer(uses[0][0].graph, f"{value.name}_recentred", new, model)
             for node, index in uses:
                 node.replace_input_with(index, replacement)

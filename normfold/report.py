@@ -101,6 +101,21 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+HASH_CHUNK_BYTES = 16 * 2**20
+
+
 def tensor_sha256(tensor: ir.TensorProtocol) -> str:
-    """sha256 of a tensor's raw bytes (read from disk for external data)."""
-    return hashlib.sha256(tensor.tobytes()).hexdigest()
+    """sha256 of a tensor's raw bytes; external data is read from its file in chunks, never whole."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return hashlib.sha256(tensor.tobytes()).hexdigest()
+    digest = hashlib.sha256()
+    remaining = tensor.length if tensor.length is not None else tensor.nbytes
+    with open(tensor.path, "rb") as file:
+        file.seek(tensor.offset or 0)
+        while remaining > 0:
+            chunk = file.read(min(remaining, HASH_CHUNK_BYTES))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()

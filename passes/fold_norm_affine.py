@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from normfold import foldmath
 from normfold.constants import constant
-from normfold.consumers import LinearReader, NotLinear, cast_checked, linear_edit, linear_readers
+from normfold.consumers import LinearReader, NotLinear, linear_edit, linear_readers
 from normfold.detect import NormSite, find_sites
 from normfold.rewrite import NormPass, add_initializer, bypass
 
@@ -40,8 +40,7 @@ class FoldNormAffine(NormPass):
                 affine = _affine(site, model)
                 if affine is None:
                     continue  # nothing left to fold: gamma is 1 and beta 0 (or absent)
-                readers = linear_readers(site.y, model)
-                plans = [_fold_plan(reader, *affine, model) for reader in readers]
+                plans = [_fold_plan(reader, *affine, model) for reader in linear_readers(site.y, model)]
             except NotLinear as exc:
                 self.skip(site.nodes[0], str(exc))
                 continue
@@ -72,16 +71,34 @@ def _affine(site: NormSite, model: ir.Model) -> tuple[np.ndarray, np.ndarray | N
 
 
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):
-    """Checks one reader and returns the edit that folds (gamma, beta) into it."""
+    """Checks one reader and returns the edit that folds (gamma, beta) into it.
+
+    The scaled weight is computed when the edit is applied, from the weight read again then, so a
+    norm's readers are never all in memory twice (large weights are spilled as they are made)."""
     node, weight, axis = reader.node, reader.weight, reader.weight_axis
     if weight.shape[axis] != gamma.size:
         raise NotLinear(f"{node.op_type} {node.name!r} reads {weight.shape[axis]} features, the norm has {gamma.size}")
-    new_weight = cast_checked(foldmath.scale_channels(weight, gamma, axis=axis), weight.dtype, "weight")
-    delta = None
-    if beta is not None and np.any(beta):
-        w64 = np.asarray(weight, dtype=np.float64)
-        delta = beta @ w64 if axis == 0 else w64 @ beta
-    return linear_edit(node, new_weight, delta, model)
+    if not _fits(weight, gamma, axis):
+        raise NotLinear(f"the folded weight overflows {weight.dtype.name}")
+    delta = foldmath.shift_through(weight, beta, axis=axis) if beta is not None and np.any(beta) else None
+    linear_edit(node, weight, delta, model)  # checks the bias side now; applied below with the scaled weight
+    source, dtype = node.inputs[1], weight.dtype
+
+    def apply() -> None:
+        new_weight = foldmath.scale_channels_as(constant(source, model).array, gamma, dtype, axis=axis)
+        linear_edit(node, new_weight, delta, model)()
+
+    return apply
+
+
+def _fits(weight: np.ndarray, gamma: np.ndarray, axis: int) -> bool:
+    """True when diag(gamma) W along `axis` stays finite in the weight's dtype: the bound max|W| max|gamma|
+    when it settles it, else the exact product."""
+    limit = float(np.finfo(weight.dtype).max)
+    largest = max(abs(float(weight.max(initial=0.0))), abs(float(weight.min(initial=0.0))))
+    if largest * float(np.abs(gamma).max(initial=0.0)) < limit:
+        return True
+    return bool(np.all(np.isfinite(foldmath.scale_channels_as(weight, gamma, weight.dtype, axis=axis))))
 
 
 def _drop_affine(site: NormSite, model: ir.Model) -> None:
