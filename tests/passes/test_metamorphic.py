@@ -28,12 +28,13 @@ Properties:
    optimizations on) must match the float32 original (onnxruntime, optimizations off: normfold.verify's
    rule); where it does not, the rewrite must be right in exact arithmetic (the converted model evaluated in
    float64 within the tolerance of the original evaluated in float64; target "onnx") and the converted
-   float32 result within the tolerance of the exact one, unless the input is ill-conditioned: either float32
-   evaluation of the original (onnxruntime or the reference evaluator) is itself off exact by more than
-   ILL_CONDITIONED (1/4) of the tolerance. Such inputs exist (ILL_CONDITIONED_D4: d = 4, an embedding
-   LayerNorm, each norm multiplying rounding error by gamma / rms(token)); there float32 results of either
-   model land wherever rounding puts them, and only the exact-arithmetic check judges the rewrite. The
-   differential check applies the same ill-conditioning exemption.
+   float32 result within the tolerance of the exact one, unless the input is ill-conditioned: a float32
+   evaluation of the original (onnxruntime with or without graph optimizations, or the reference evaluator) is
+   itself off exact by more than ILL_CONDITIONED (1/4) of the tolerance. Such inputs exist (ILL_CONDITIONED_D4:
+   d = 4, an embedding LayerNorm, each norm multiplying rounding error by gamma / rms(token);
+   OPTIMIZED_LN_OFF_EXACT: a stream whose mean is 100x its spread, on onnxruntime's optimized LayerNorm); there
+   float32 results of either model land wherever rounding puts them, and only the exact-arithmetic check judges
+   the rewrite. The differential check applies the same ill-conditioning exemption.
 
 A failure is a bug: file it as a strict xfail with the reproducer, do not loosen a tolerance; the
 property steps around it (assume) only while it is open.
@@ -230,14 +231,15 @@ def check_differential(converted: onnx.ModelProto, feeds: dict, original: onnx.M
 
 
 def ill_conditioned(original: onnx.ModelProto, feeds: dict, tolerance_class: str, exact: dict | None = None) -> bool:
-    """Whether float32 cannot meet the tolerance on this input: either float32 evaluation of the original
-    (onnxruntime without optimizations, or onnx's reference evaluator) is off the exact result by more than
-    ILL_CONDITIONED of the tolerance. (Which evaluator is off is luck: on one d = 4 model onnxruntime erred by
-    7e-4 at one embedding scale and 1e-5 at another, the reference evaluator by 2e-4 and 5e-4.)"""
+    """Whether float32 cannot meet the tolerance on this input: any float32 evaluation of the original
+    (onnxruntime without or with graph optimizations, the latter being how the converted model runs, or onnx's
+    reference evaluator) is off the exact result by more than ILL_CONDITIONED of the tolerance. (Which evaluator
+    is off is luck: on one d = 4 model onnxruntime erred by 7e-4 at one embedding scale and 1e-5 at another, the
+    reference evaluator by 2e-4 and 5e-4; see also OPTIMIZED_LN_OFF_EXACT.)"""
     rtol, atol = TOLERANCES[tolerance_class]["float32"]
     if exact is None:
         exact = dict(zip([o.name for o in original.graph.output], tg.exact_outputs(original, feeds["ids"])))
-    for evaluate in (run_ort, run_reference):
+    for evaluate in (run_ort, lambda m, f: run_ort(m, f, optimize=True), run_reference):
         got = evaluate(original, feeds)
         for n in exact:
             if not compare(n, exact[n], got[n], rtol=rtol * ILL_CONDITIONED, atol=atol * ILL_CONDITIONED,
@@ -360,9 +362,19 @@ def test_layernorm_to_rmsnorm(config, target, scale, seed):
     check_pass(scaled(case, scale), config, "layernorm-to-rmsnorm", target, seed, "renorm")
 
 
+OPTIMIZED_LN_OFF_EXACT = tg.Config(d=16, depth=1, heads=1, vocab=7, seq=2, batch=1, mlp_ratio=1, bias=False,
+                                   ln_spelling="fused", opset=17, fused_qkv=True, embedding_offset=100.0, seed=16)
+"""Found by the long mode, an oracle gap (not a normfold bug): with the tables x 1e3 (stream mean 1e5, spread 1e3)
+on ids seed 1, the unchanged original run by onnxruntime with graph optimizations is off exact by 2.96e-5 (atol
+1.43e-5), like the converted model, while the same original without optimizations is off by 1.41e-5 and the
+converted model without them by 1.38e-5 (the fold itself is exact in float64: 4.7e-8). The optimized original now
+counts among the float32 evaluations that make an input ill-conditioned."""
+
+
 @settings(max_examples=PASS_EXAMPLES, **COMMON)
 @given(config=configs(), target=st.sampled_from(["onnx", "ort"]), scale=st.sampled_from(SCALES),
        norm=st.sampled_from(["layernorm", "rmsnorm"]), seed=st.integers(0, 2**16))
+@example(config=OPTIMIZED_LN_OFF_EXACT, target="onnx", scale=1000.0, norm="layernorm", seed=1)
 def test_fold_norm_affine(config, target, scale, norm, seed):
     if norm == "rmsnorm" and config.ln_spelling == "fused":
         norm = "layernorm"
