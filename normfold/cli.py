@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exit code 2."""
 
     def error(self, message: str) -> None:
-        raise InputError(f"usage: {message} (see normfold {self.prog.split()[-1]} --help)")
+        raise InputError(f"usage: {message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
