@@ -172,23 +172,19 @@ def _stream_operands(gm, node: fx.Node) -> list[tuple[int, object]] | None:
     return None
 
 
-def reaches(node: fx.Node, targets: set[fx.Node], limit: int = 100000) -> fx.Node | None:
+def reaches(node: fx.Node, targets: set[fx.Node]) -> fx.Node | None:
     """The first of `targets` computed from `node` (following users), itself excluded."""
-    seen, stack = set(), list(node.users)
-    while stack and len(seen) < limit:
-        n = stack.pop()
-        if n in targets:
-            return n
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return None
+    return _first_reached(node.users, targets, lambda n: n.users)
 
 
 def depends_on(node: fx.Node, targets: set[fx.Node]) -> fx.Node | None:
     """The first of `targets` that `node` is computed from, itself excluded."""
-    seen, stack = set(), list(node.all_input_nodes)
+    return _first_reached(node.all_input_nodes, targets, lambda n: n.all_input_nodes)
+
+
+def _first_reached(start, targets: set[fx.Node], neighbours) -> fx.Node | None:
+    """Depth-first from the nodes `start`, stepping to `neighbours(n)`: the first node met that is in `targets`."""
+    seen, stack = set(), list(start)
     while stack:
         n = stack.pop()
         if n in targets:
@@ -196,5 +192,5 @@ def depends_on(node: fx.Node, targets: set[fx.Node]) -> fx.Node | None:
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        stack.extend(neighbours(n))
     return None
