@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="rewrite a model and verify it")
     convert.add_argument("model", type=Path)
     convert.add_argument("-o", "--output", type=Path, help="default: MODEL.normfold.onnx beside the input")
-    convert.add_argument("--passes", help="comma-separated pass names (default: every exact pass)")
+    convert.add_argument("--passes", help="comma-separated pass names (default: fold-batchnorm, layernorm-to-rmsnorm, "
+                                          "emit-rmsnorm, fold-norm-affine; see normfold passes)")
     convert.add_argument("--target", choices=["auto", "onnx", "ort"], default="auto",
                          help="emit norm ops for onnxruntime (ort), as standard ONNX only (onnx), or "
                               "ort when onnxruntime is installed (auto)")
