@@ -6,6 +6,8 @@ on another such writer and the stream has a residual Add (centring a norm's only
 what the LayerNorm already does). A chain of them (each layer's output writing the next residual
 sum) is refused, every stream in it and every stream feeding it; when the writers are LayerNorm
 outputs, that is a Post-LN model and the reason says so.
+Post-LN is recognised before any writer is planned, from each reader back through sums and views, so a
+stream the analysis could only follow in part (a view of unknown shape) is still refused as Post-LN.
 With `drop_last` (CRMSNorm) the recentred writers also lose their last element.
 """
 
@@ -21,7 +23,7 @@ from normfold.detect import NormSite
 from normfold.emit import Emitter
 from normfold.recentre import NotFoldable
 from normfold.report import node_label
-from normfold.residual import Stream
+from normfold.residual import VIEW_OPS, Stream
 
 
 @dataclass
@@ -48,7 +50,8 @@ def plan_streams(streams: list[Stream], model: ir.Model, *, drop_last: bool = Fa
     norm_outputs = {id(site.y): site for stream in streams for site in stream.readers}
     for stream in streams:
         try:
-            plans[id(stream)] = _plan_writers(stream, model, drop_last, norm_outputs)
+            _refuse_post_ln(stream, norm_outputs)
+            plans[id(stream)] = _plan_writers(stream, model, drop_last)
         except PostLN as exc:
             refusals[id(stream)] = str(exc)
             post_ln.append(exc.value)
@@ -92,7 +95,42 @@ def stream_width(stream: Stream) -> int | None:
     return None
 
 
-def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool, norm_outputs: dict[int, NormSite]) -> StreamPlan:
+def _refuse_post_ln(stream: Stream, norm_outputs: dict[int, NormSite]) -> None:
+    """Raises PostLN when a sum that the stream's norms read is written by the output of a LayerNorm of an
+    earlier residual sum that another node reads too: x_l = LN(x_{l-1} + f(x_{l-1})).
+
+    The sums are found from each reader back through Adds and views (data operands), whether or not the
+    stream analysis could follow them: a view of unknown shape ends the stream, not the residual chain."""
+    seen: set[int] = set()
+    stack = [site.x for site in stream.readers]
+    while stack:
+        node = stack.pop().producer()
+        if node is None or id(node) in seen or not (node.op_type == "Add" or node.op_type in VIEW_OPS):
+            continue
+        seen.add(id(node))
+        operands = node.inputs if node.op_type in ("Add", "Concat") else node.inputs[:1]
+        for value in (v for v in operands if v is not None):
+            site = norm_outputs.get(id(_through_copies(value)))
+            if site is None:
+                stack.append(value)
+            elif node.op_type == "Add" and _normalizes_a_residual_sum(site):
+                reader = _other_reader(value, node)
+                if reader is not None:
+                    raise PostLN(f"Post-LN: the residual sum is written by {value.name!r}, the output of a LayerNorm "
+                                 f"of an earlier sum, which {node_label(reader)} also reads; an exact conversion "
+                                 "would need a centring op in every layer", value)
+
+
+def _other_reader(value: ir.Value, node: ir.Node) -> ir.Node | None:
+    """A reader of `value`, or of a value it copies (through copies), other than `node` and those copies."""
+    chain = [value]
+    while chain[-1].producer() is not None and chain[-1].producer().op_type in COPIES:
+        chain.append(chain[-1].producer().inputs[0])
+    copies = {id(node)} | {id(v.producer()) for v in chain[:-1]}
+    return next((n for v in chain for n, _ in v.uses() if id(n) not in copies), None)
+
+
+def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool) -> StreamPlan:
     """Edits recentring every writer by folding, plus the writers that need an explicit centring op."""
     plan = StreamPlan(touched=list(stream.values) if drop_last else [])
     width = stream_width(stream)
@@ -101,15 +139,8 @@ def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool, norm_outputs
         try:
             if use is not None and constant(value, model).array is None:
                 reader = next(n for n, _ in value.uses() if n is not use[0])
-                site = norm_outputs.get(id(_through_copies(value)))
-                if site is not None and _normalizes_a_residual_sum(site):
-                    raise PostLN(f"Post-LN: the residual sum is written by {value.name!r}, the output of a LayerNorm "
-                                 f"of an earlier sum, which {node_label(reader)} also reads; an exact conversion "
-                                 "would need a centring op in every layer", value)
                 raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
             plan.edits += recentre.plan(value, model, use, drop_last=drop_last, touched=plan.touched, width=width)
-        except PostLN:
-            raise
         except NotFoldable as exc:
             plan.explicit.append((value, use, str(exc)))
     if plan.explicit and not any(_is_residual_sum(v, stream) for v in stream.values):
@@ -135,8 +166,12 @@ def _normalizes_a_residual_sum(site: NormSite) -> bool:
     return _depends_on_any(b, {id(a)}) is not None or _depends_on_any(a, {id(b)}) is not None
 
 
+COPIES = ("Identity", "Cast", "Dropout", "Reshape")
+"""Ops through which a norm's output is still that output, for the Post-LN checks."""
+
+
 def _through_copies(value: ir.Value) -> ir.Value:
-    while value.producer() is not None and value.producer().op_type in ("Identity", "Cast", "Dropout", "Reshape"):
+    while value.producer() is not None and value.producer().op_type in COPIES:
         value = value.producer().inputs[0]
     return value
 
