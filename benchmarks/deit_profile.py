@@ -1,0 +1,505 @@
+#!/usr/bin/env python3
+"""Where a DeiT-Tiny-size ViT's norms cost time on onnxruntime CPU: a per-op-type kernel profile of
+the original, the no-norm bound and normfold's conversions.
+
+    python benchmarks/deit_profile.py [--runs 20] [--threads 2] [--latency-repeats 20]
+                                      [--variants original,no-norm,...] [--out benchmarks/results/deit_profile.md]
+
+1. Builds (or reuses, cached in --work-dir) the model of bench_peers ("deit_tiny": width 192, 12 layers,
+   batch 8, 224x224, dynamo export, seed 0) and makes the variants: the no-norm bound (every
+   LayerNormalization's output rewired to its input, as bench_peers makes it) and `normfold convert
+   --no-verify` with the default passes (target ort and onnx) and with layernorm-to-rmsnorm (target ort).
+2. Saves onnxruntime's ORT_ENABLE_ALL graph of each (SessionOptions.optimized_model_filepath) and
+   counts its op types: what onnxruntime fused (Gemm from MatMul+Add, Skip*Norm, Gelu, Attention, ...).
+3. Profiles every variant with SessionOptions.enable_profiling, ORT_ENABLE_ALL, `--threads` intra-op
+   threads, one session each, a warm-up round, then `--runs` interleaved rounds (A B C A B C ...).
+   Per run: the kernel time of each op type (sum of the `*_kernel_time` events inside that
+   `model_run`), their total, and the `model_run` duration; the table shows medians over runs.
+   "Outside kernels" is model_run minus the kernel total: the executor's own time (allocation,
+   scheduling, the profiler itself).
+4. Optionally (--latency-repeats), interleaved end-to-end latency without the profiler (the same
+   thread count, plus an A/A second session of the original): the ratio every other benchmark reports.
+5. Norm emission forms timed alone (--form-repeats): 24 residual blocks (s = x + d; y = norm(s)) at
+   the model's stream shape in each spelling normfold could emit (LayerNormalization,
+   SimplifiedLayerNormalization, Skip*LayerNormalization with the sum as output 3, opset-23
+   RMSNormalization, the decomposed forms), checked against float64 numpy and timed interleaved.
+
+Every figure is from one run on a shared machine: compare rows of one table, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_layernorm_to_rmsnorm as ln_bench  # noqa: E402
+import bench_peers  # noqa: E402
+from bench_fold_batchnorm import log, machine_info, machine_table  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "deit_profile.md"
+MODEL = "deit_tiny"
+NORM_OPS = bench_peers.NORM_OPS
+SHAPED_OPS = ("Add",)
+"""Op types whose profile rows are split by input shapes (residual, bias and mask Adds differ)."""
+
+# key -> (row label, maker, passes, target); maker "original", "no-norm" (bench_peers' no-norm bound:
+# strip_layernorms) or "convert" (the normfold CLI).
+VARIANTS = {
+    "original": ("original", "original", None, None),
+    "no-norm": ("no-norm bound", "no-norm", None, None),
+    "default-ort": ("normfold default, target ort", "convert", None, "ort"),
+    "rmsnorm-ort": ("layernorm-to-rmsnorm, target ort", "convert", "layernorm-to-rmsnorm", "ort"),
+    "default-onnx": ("normfold default, target onnx", "convert", None, "onnx"),
+}
+
+
+# --- variants --------------------------------------------------------------------------------------
+
+
+def make_variants(original: Path, scratch: Path, keys: list[str], remake: bool) -> dict[str, Path]:
+    """row label -> model file; conversions run as `normfold convert` children (cached unless `remake`)."""
+    paths = {}
+    for key in keys:
+        label, maker, passes, target = VARIANTS[key]
+        if maker == "original":
+            paths[label] = original
+            continue
+        dst = scratch / f"{MODEL}_{key}.onnx"
+        if remake or not dst.is_file():
+            log(f"making {label} ...")
+            if maker == "no-norm":
+                ln_bench.strip_layernorms(original, dst)
+            else:
+                argv = bench_peers.cli("convert", str(original), "-o", str(dst), "--target", target, "--no-verify",
+                                       "--force", *(["--passes", passes] if passes else []))
+                made = bench_peers.make_variant(argv, dst, scratch)
+                if "error" in made:
+                    raise SystemExit(f"{label}: {made['error']}")
+        paths[label] = dst
+    return paths
+
+
+def session_options(threads: int, *, profile_prefix: Path | None = None, optimized: Path | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return options
+
+
+def optimized_ops(path: Path, scratch: Path, threads: int) -> collections.Counter:
+    """Op types (domain-qualified when not ai.onnx) of onnxruntime's ORT_ENABLE_ALL graph on CPU."""
+    import onnx
+    import onnxruntime as ort
+
+    dst = scratch / f"{path.stem}.ort_optimized.onnx"
+    ort.InferenceSession(str(path), sess_options=session_options(threads, optimized=dst),
+                         providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(dst), load_external_data=False).graph
+    return collections.Counter(op_name(n.domain, n.op_type) for n in graph.node)
+
+
+def op_name(domain: str, op_type: str) -> str:
+    return op_type if domain in ("", "ai.onnx") else f"{op_type} ({domain.removeprefix('com.microsoft')or 'ms'})"
+
+
+# --- profile ---------------------------------------------------------------------------------------
+
+
+def parse_trace(events: list[dict], skip: int = 1) -> list[dict]:
+    """Per model_run after the first `skip`: {"run_ms", "kernel_ms", "ops": {op: ms}, "count": {op: n}}."""
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip:]
+    runs = [{"run_ms": (end - start) / 1e3, "kernel_ms": 0.0, "ops": collections.Counter(),
+             "count": collections.Counter()} for start, end in windows]
+    starts = [start for start, _ in windows]
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        i = _bisect(starts, e["ts"])
+        if i < 0 or e["ts"] > windows[i][1]:
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        if op in SHAPED_OPS:
+            op = f"{op} {shape_signature(e['args'])}"
+        ms = e["dur"] / 1e3
+        runs[i]["ops"][op] += ms
+        runs[i]["count"][op] += 1
+        runs[i]["kernel_ms"] += ms
+    return runs
+
+
+def shape_signature(args: dict) -> str:
+    """'8x197x192 + 192'-style input shapes of a profiled node (its args' input_type_shape)."""
+    shapes = []
+    for item in args.get("input_type_shape", []):
+        for dims in item.values():
+            shapes.append("x".join(map(str, dims)) or "scalar")
+    return " + ".join(shapes)
+
+
+def _bisect(starts: list[int], ts: int) -> int:
+    import bisect
+
+    return bisect.bisect_right(starts, ts) - 1
+
+
+def profile(paths: dict[str, Path], runs: int, threads: int, scratch: Path) -> dict[str, list[dict]]:
+    """Interleaved profiled runs of every variant (module docstring, step 3): label -> per-run figures."""
+    import onnxruntime as ort
+
+    from normfold import io
+    from normfold.verification import make_inputs
+
+    sessions = {}
+    for i, (label, path) in enumerate(paths.items()):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                       sess_options=session_options(threads, profile_prefix=scratch / f"trace{i}"))
+        sessions[label] = (session, make_inputs(session, io.load(path), seed=0))
+    log(f"profiling {len(sessions)} variants: 1 warm-up + {runs} interleaved rounds, {threads} threads ...")
+    order = list(sessions.values())
+    for r in range(runs + 1):  # round r starts at variant r mod n: no variant always follows the same one
+        for session, feed in order[r % len(order):] + order[:r % len(order)]:
+            session.run(None, feed)
+    out = {}
+    for label, (session, _) in sessions.items():
+        trace = Path(session.end_profiling())
+        out[label] = parse_trace(json.loads(trace.read_text()))
+        trace.unlink(missing_ok=True)
+    return out
+
+
+def summarize(per_run: list[dict]) -> dict:
+    """Medians over runs: run, kernel total, outside kernels, each op type's kernel ms; op counts per run."""
+    ops = sorted({op for r in per_run for op in r["ops"]})
+    return {
+        "runs": len(per_run),
+        "run_ms": statistics.median(r["run_ms"] for r in per_run),
+        "kernel_ms": statistics.median(r["kernel_ms"] for r in per_run),
+        "outside_ms": statistics.median(r["run_ms"] - r["kernel_ms"] for r in per_run),
+        "ops": {op: statistics.median(r["ops"].get(op, 0.0) for r in per_run) for op in ops},
+        "count": {op: per_run[0]["count"].get(op, 0) for op in ops},
+    }
+
+
+def latency(paths: dict[str, Path], repeats: int, threads: int) -> dict[str, dict]:
+    """normfold.bench-style interleaved latency without the profiler; plus an A/A second session."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from normfold import io
+    from normfold.verification import make_inputs
+
+    labels = ["original (A/A)", *paths]
+    files = {"original (A/A)": paths["original"], **paths}
+    sessions = {}
+    for label in labels:
+        s = ort.InferenceSession(str(files[label]), sess_options=session_options(threads),
+                                 providers=["CPUExecutionProvider"])
+        sessions[label] = (s, make_inputs(s, io.load(files[label]), seed=0))
+    log(f"latency: {len(labels)} sessions, 1 warm-up + {repeats} interleaved repetitions ...")
+    times = {label: [] for label in labels}
+    for rep in range(repeats + 1):
+        for label, (s, feed) in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feed)
+            if rep:
+                times[label].append(time.perf_counter() - start)
+    base = float(np.median(times["original"]))
+    return {label: {"median_ms": float(np.median(t)) * 1e3, "ratio": float(np.median(t)) / base,
+                    "p90_ratio": float(np.percentile(t, 90)) / float(np.percentile(times["original"], 90))}
+            for label, t in times.items()}
+
+
+# --- emission forms, timed alone ------------------------------------------------------------------
+
+FORM_SHAPE = (8, 197, 192)
+"""The residual stream of the DeiT-Tiny model at batch 8: 197 tokens of width 192."""
+FORM_BLOCKS = 24
+"""Residual blocks per form model: s = x + d; y = norm(s); the next block's (x, d) is (s, y)."""
+
+FORMS = {
+    "Add + LayerNormalization (the original)": "ln",
+    "Add + SimplifiedLayerNormalization (normfold, target ort)": "sln",
+    "SkipSimplifiedLayerNormalization (Add fused, sum as output 3)": "skip_sln",
+    "SkipLayerNormalization (Add fused, sum as output 3)": "skip_ln",
+    "Add + RMSNormalization (opset 23)": "rms23",
+    "Add + Pow/ReduceMean/Add/Sqrt/Div (normfold, target onnx, affine folded)": "decomposed",
+    "Add + Pow/ReduceMean/Add/Sqrt/Div/Mul gamma (target onnx, affine kept)": "decomposed_gamma",
+    "Add alone (the floor: no norm; the next block reads the same d)": "add",
+}
+
+
+def form_model(kind: str, shape: tuple[int, ...], epsilon: float = 1e-6) -> bytes:
+    """FORM_BLOCKS residual blocks of one emission form (FORMS), gamma and beta seeded, as a model."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    width = shape[-1]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, width).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.uniform(-0.5, 0.5, width).astype(np.float32), "beta"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(epsilon, np.float32), "eps"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    nodes, x = [], "x"
+    for i in range(FORM_BLOCKS):
+        d, s, y = ("d" if i == 0 else f"y{i - 1}"), f"s{i}", f"y{i}"
+        n = lambda op, ins, outs, **kw: nodes.append(helper.make_node(op, ins, outs, **kw))  # noqa: E731
+        if kind in ("skip_sln", "skip_ln"):
+            op = "SkipSimplifiedLayerNormalization" if kind == "skip_sln" else "SkipLayerNormalization"
+            n(op, [x, d, "gamma"] + (["beta"] if kind == "skip_ln" else []), [y, "", "", s],
+              domain="com.microsoft", epsilon=epsilon)
+        else:
+            n("Add", [x, d], [s])
+            if kind == "ln":
+                n("LayerNormalization", [s, "gamma", "beta"], [y], axis=-1, epsilon=epsilon)
+            elif kind == "sln":
+                n("SimplifiedLayerNormalization", [s, "gamma"], [y], axis=-1, epsilon=epsilon, stash_type=1)
+            elif kind == "rms23":
+                n("RMSNormalization", [s, "gamma"], [y], axis=-1, epsilon=epsilon)
+            elif kind.startswith("decomposed"):
+                n("Pow", [s, "two"], [f"sq{i}"])
+                n("ReduceMean", [f"sq{i}", "axes"], [f"ms{i}"], keepdims=1)
+                n("Add", [f"ms{i}", "eps"], [f"mse{i}"])
+                n("Sqrt", [f"mse{i}"], [f"rms{i}"])
+                n("Div", [s, f"rms{i}"], [f"n{i}" if kind == "decomposed_gamma" else y])
+                if kind == "decomposed_gamma":
+                    n("Mul", [f"n{i}", "gamma"], [y])
+            elif kind == "add":
+                n("Identity", [d], [y])
+        x = s
+    nodes.append(helper.make_node("Add", [x, f"y{FORM_BLOCKS - 1}"], ["out"]))
+    info = lambda name: helper.make_tensor_value_info(name, 1, list(shape))  # noqa: E731
+    graph = helper.make_graph(nodes, "forms", [info("x"), info("d")], [info("out")], inits)
+    opset = 23 if kind == "rms23" else 18
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return model.SerializeToString()
+
+
+def form_reference(kind: str, x, d, gamma, beta, epsilon: float = 1e-6):
+    """The forms' function in float64 (numpy): what each form model must compute."""
+    import numpy as np
+
+    x, d = x.astype(np.float64), d.astype(np.float64)
+    for _ in range(FORM_BLOCKS):
+        s = x + d
+        if kind in ("ln", "skip_ln"):
+            c = s - s.mean(-1, keepdims=True)
+            y = c / np.sqrt((c * c).mean(-1, keepdims=True) + epsilon) * gamma + beta
+        elif kind == "add":
+            y = d
+        else:
+            y = s / np.sqrt((s * s).mean(-1, keepdims=True) + epsilon)
+            y = y if kind == "decomposed" else y * gamma
+        x, d = s, y
+    return x + d
+
+
+def time_forms(shape: tuple[int, ...], threads: int, repeats: int) -> dict[str, dict]:
+    """Every emission form (FORMS) on onnxruntime CPU, ORT_ENABLE_ALL, interleaved: its median ms per
+    block, the op types onnxruntime runs, and its error against form_reference (fp32 renorm tolerance)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.standard_normal(shape, dtype=np.float32), "d": rng.standard_normal(shape, dtype=np.float32)}
+    sessions, out = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, kind in FORMS.items():
+            proto = form_model(kind, shape)
+            inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_from_string(proto).graph.initializer}
+            optimized = Path(tmp) / f"{kind}.onnx"
+            try:
+                session = ort.InferenceSession(proto, sess_options=session_options(threads, optimized=optimized),
+                                               providers=["CPUExecutionProvider"])
+            except Exception as exc:  # an op this onnxruntime lacks (RMSNormalization before opset 23 support)
+                out[label] = {"error": str(exc).splitlines()[0][-200:]}
+                continue
+            ref = form_reference(kind, feed["x"], feed["d"], inits["gamma"], inits["beta"])
+            got = session.run(None, feed)[0]
+            scale = max(1.0, float(np.sqrt(np.mean(ref * ref))))
+            err = np.abs(got - ref)
+            ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+            out[label] = {"kind": kind, "max_abs": float(err.max()),
+                          "within": bool(np.all(err <= 1e-4 * scale + 1e-4 * np.abs(ref))),
+                          "ops": {op: n // FORM_BLOCKS for op, n in ops.items() if n >= FORM_BLOCKS}}
+            sessions[label] = session
+        log(f"emission forms: {len(sessions)} models of {FORM_BLOCKS} blocks at {shape}, {repeats} interleaved runs ...")
+        times = {label: [] for label in sessions}
+        for rep in range(repeats + 1):
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                if rep:
+                    times[label].append(time.perf_counter() - start)
+    for label, t in times.items():
+        out[label]["block_us"] = statistics.median(t) / FORM_BLOCKS * 1e6
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def render_forms(forms: dict[str, dict], shape: tuple[int, ...], threads: int, repeats: int) -> list[str]:
+    floor = forms.get(next(label for label, kind in FORMS.items() if kind == "add"), {}).get("block_us")
+    L = [f"## Norm emission forms timed alone ({FORM_BLOCKS} residual blocks at {'x'.join(map(str, shape))}, "
+         f"{threads} threads, ORT_ENABLE_ALL, {repeats} interleaved runs)", "",
+         "Each model chains the DeiT residual pattern: s = x + d; y = norm(s); the next block reads (s, y). "
+         "\"us per block\" is the median run time over the blocks; \"norm us\" subtracts the Add-alone "
+         "floor: what the norm itself costs, Add fusion included. \"runs as\" is onnxruntime's optimized "
+         "graph per block; \"equivalent\" checks the output against float64 numpy at the fp32 renorm "
+         "tolerance.", "",
+         "| form | runs as (per block) | equivalent (max abs) | us per block | norm us |", "|---|---|---|--:|--:|"]
+    for label, f in forms.items():
+        if "error" in f:
+            L.append(f"| {label} | **onnxruntime cannot run it**: {f['error']} | | | |")
+            continue
+        ops = ", ".join(f"{op}" + (f" x{n}" if n > 1 else "") for op, n in f["ops"].items())
+        norm = "" if floor is None or f["kind"] == "add" else f"{f['block_us'] - floor:.0f}"
+        L.append(f"| {label} | {ops} | {'yes' if f['within'] else '**no**'} ({f['max_abs']:.1g}) "
+                 f"| {f['block_us']:.0f} | {norm} |")
+    L.append("")
+    return L
+
+
+def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, collections.Counter],
+           lat: dict | None, forms: dict | None) -> str:
+    labels = list(summaries)
+    base = summaries["original"]
+    L = ["# DeiT-Tiny on onnxruntime CPU: where the norms' time goes (kernel profile)", "",
+         f"Command: `{args.command_line}`", ""]
+    L += machine_table(info)
+    L.append(f"| load average (1 min) at start / end | {args.load_start} / {ln_bench._load()} |")
+    L.append(f"| intra-op threads | {args.threads} |")
+    L.append("")
+    L.append(f"Model: {ln_bench.MODELS[MODEL]['describe']}. ORT_ENABLE_ALL, CPU provider, "
+             f"{base['runs']} profiled interleaved runs per variant after a warm-up round; every figure is a "
+             "median over runs, in ms per run.")
+    L.append("")
+    L.append("## Totals")
+    L.append("")
+    L.append("| variant | run ms (profiled) | kernel ms | outside kernels ms | norm kernels ms | kernel ratio | run ratio |"
+             + (" latency ms (no profiler) | latency ratio | p90 ratio |" if lat else ""))
+    L.append("|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if lat else ""))
+    rows = (["original (A/A)"] if lat else []) + labels
+    for label in rows:
+        s = summaries.get(label)
+        lt = lat.get(label) if lat else None
+        if s is None:
+            L.append(f"| {label} | | | | | | | {lt['median_ms']:.1f} | {lt['ratio']:.3f} | {lt['p90_ratio']:.3f} |")
+            continue
+        norm = sum(ms for op, ms in s["ops"].items() if op.split(" ")[0] in NORM_OPS)
+        line = (f"| {label} | {s['run_ms']:.1f} | {s['kernel_ms']:.1f} | {s['outside_ms']:.1f} | {norm:.1f} "
+                f"| {s['kernel_ms'] / base['kernel_ms']:.3f} | {s['run_ms'] / base['run_ms']:.3f} |")
+        if lt:
+            line += f" {lt['median_ms']:.1f} | {lt['ratio']:.3f} | {lt['p90_ratio']:.3f} |"
+        L.append(line)
+    L.append("")
+    L.append("## Kernel time per op type (ms per run, count per run; delta against the original)")
+    L.append("")
+    ops = sorted({op for s in summaries.values() for op in s["ops"]}, key=lambda op: -base["ops"].get(op, 0.0))
+    L.append("| op type | " + " | ".join(labels) + " |")
+    L.append("|---|" + "--:|" * len(labels))
+    for op in ops:
+        cells = []
+        for label in labels:
+            s = summaries[label]
+            ms, n = s["ops"].get(op, 0.0), s["count"].get(op, 0)
+            cell = f"{ms:.1f} ({n})" if n else "-"
+            if label != "original":
+                delta = ms - base["ops"].get(op, 0.0)
+                cell += f" [{delta:+.1f}]"
+            cells.append(cell)
+        L.append(f"| {op} | " + " | ".join(cells) + " |")
+    totals = [f"{summaries[label]['kernel_ms']:.1f}" + ("" if label == "original" else
+              f" [{summaries[label]['kernel_ms'] - base['kernel_ms']:+.1f}]") for label in labels]
+    L.append("| **all kernels** | " + " | ".join(totals) + " |")
+    L.append("")
+    L.append("## onnxruntime's optimized graph (ORT_ENABLE_ALL, SessionOptions.optimized_model_filepath)")
+    L.append("")
+    L.append("Op counts; only the op types whose count differs between variants, then the node total.")
+    L.append("")
+    all_ops = sorted({op for g in graphs.values() for op in g})
+    differing = [op for op in all_ops if len({graphs[label].get(op, 0) for label in labels}) > 1]
+    L.append("| op type | " + " | ".join(labels) + " |")
+    L.append("|---|" + "--:|" * len(labels))
+    for op in differing:
+        L.append(f"| {op} | " + " | ".join(str(graphs[label].get(op, 0)) for label in labels) + " |")
+    L.append("| **nodes** | " + " | ".join(str(sum(graphs[label].values())) for label in labels) + " |")
+    L.append("")
+    if forms:
+        L += render_forms(forms, FORM_SHAPE, args.threads, args.form_repeats)
+    return "\n".join(L)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--runs", type=int, default=20, help="profiled interleaved runs per variant")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--latency-repeats", type=int, default=0,
+                        help="interleaved unprofiled latency repetitions (0: none)")
+    parser.add_argument("--form-repeats", type=int, default=40,
+                        help="interleaved runs of the emission-form models (0: skip that section)")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL.onnx",
+                        help="also profile this model file under this row label (repeatable)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
+    parser.add_argument("--json", type=Path, help="also write the per-run figures here")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "normfold-bench",
+                        help="model cache (shared with bench_peers) and variants")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached model and remake the variants")
+    args = parser.parse_args(argv)
+    keys = [v for v in args.variants.split(",") if v]
+    if "original" not in keys or set(keys) - set(VARIANTS):
+        parser.error(f"--variants: a subset of {', '.join(VARIANTS)} that includes 'original'")
+    if args.runs < 1 or args.threads < 1 or args.latency_repeats < 0 or args.form_repeats < 0:
+        parser.error("--runs and --threads must be at least 1, --latency-repeats at least 0")
+    args.command_line = " ".join(["python", "benchmarks/deit_profile.py", *(sys.argv[1:] if argv is None else argv)])
+    args.load_start = ln_bench._load()
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = work / "deit_profile"
+    scratch.mkdir(exist_ok=True)
+    original = bench_peers.build(MODEL, work, args.rebuild)
+    paths = make_variants(original, scratch, keys, args.rebuild)
+    for extra in args.extra:
+        label, _, path = extra.partition("=")
+        if not path or not Path(path).is_file():
+            parser.error(f"--extra {extra!r}: give LABEL=MODEL.onnx with an existing file")
+        paths[label] = Path(path)
+    graphs = {label: optimized_ops(path, scratch, args.threads) for label, path in paths.items()}
+    per_run = profile(paths, args.runs, args.threads, scratch)
+    summaries = {label: summarize(r) for label, r in per_run.items()}
+    lat = latency(paths, args.latency_repeats, args.threads) if args.latency_repeats else None
+    forms = time_forms(FORM_SHAPE, args.threads, args.form_repeats) if args.form_repeats else None
+    text = render(machine_info(), args, summaries, graphs, lat, forms)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"per_run": per_run, "latency": lat, "graphs": graphs}, default=dict))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
