@@ -643,3 +643,21 @@ def test_post_ln_on_a_flattened_view_of_unknown_shape_is_refused_as_post_ln(bias
     assert entry.applied == 0 and all("Post-LN" in s.reason for s in entry.skipped), entry.skipped
     assert sorted(s.node.split("/")[0] for s in entry.skipped) == sorted(case.ln_names)
     assert signature(proto) == signature(case.model)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (found by the long mode, open): normfold.shapes.rank does not see through "
+                   "Reciprocal, so in a Post-LN model of reciprocal-spelled LayerNorms over positive axes whose sums have "
+                   "no inferred shape (opset 13, dynamic axes, Gemm projections) the rank of a sum written by the previous "
+                   "LayerNorm's output is unknown: every later LayerNorm is not found at all, not reported, and the first "
+                   "one's reason does not say Post-LN (fix: 'Reciprocal' in shapes._RANK_PRESERVING)")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_post_ln_reciprocal_layernorms_on_values_of_no_inferred_rank_are_refused_as_post_ln(depth):
+    case = tg.build(d=4, depth=depth, heads=1, vocab=2, seq=1, batch=1, mlp_ratio=1, bias=False, proj="gemm",
+                    post_ln=True, ln_spelling="reciprocal", opset=13, dynamic=True, positive_axes=True, seed=0)
+    model, report, proto = convert(case, "onnx")
+    assert_exact(case, proto)
+    entry = report.passes[0]
+    assert remaining_layernorms(model) == set(case.ln_names)
+    assert sorted(s.node.split("/")[0] for s in entry.skipped) == sorted(case.ln_names)
+    assert entry.applied == 0 and all("Post-LN" in s.reason for s in entry.skipped), entry.skipped
+    assert signature(proto) == signature(case.model)

@@ -1,0 +1,236 @@
+"""Weights derived from another tensor by a map that works on a block of rows (axis 0) at a time.
+
+A pass that rewrites a weight (recentres it, scales its channels) records the map instead of the
+result: `DerivedTensor(source, map)`. Saving streams it: read a block of the source's rows into a
+reused buffer, apply the map in float64 into a second reused buffer cast to the weight's dtype, write
+that block; so a rewritten model of several GB is never in memory, and no page of memory is touched
+twice for the next tensor (fresh large allocations are what cost most here: first-touch page faults).
+`numpy()` materializes the whole result for whoever needs it (verification, a later pass); a derived
+tensor can itself be the source of another one (a recentred embedding, scaled again as a head).
+
+The maps (foldmath's arithmetic, float64, one cast):
+    Recentre(axis):  a - mean_axis(a); along axis 0 the mean is summed over every row first
+                     (one streaming pass), otherwise it is local to each row.
+    Scale(axis, s):  a * s along `axis`.
+Either may `keep` only the first k entries along its axis (the stream stored in d-1 dimensions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+BLOCK_BYTES = 8 * 2**20
+"""Bytes of source rows read, mapped and written at a time."""
+
+_scratch = threading.local()
+
+
+def scratch(key: str, nbytes: int) -> np.ndarray:
+    """A per-thread reusable byte buffer of at least `nbytes` for `key` (grown, never shrunk)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(key)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = buffers[key] = np.empty(max(nbytes, BLOCK_BYTES), dtype=np.uint8)
+    return buffer[:nbytes]
+
+
+def block_rows(shape: tuple[int, ...], itemsize: int) -> int:
+    """Rows (entries along axis 0) per block of about BLOCK_BYTES."""
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    return max(1, BLOCK_BYTES // max(1, row_bytes))
+
+
+def read_rows(tensor: ir.TensorProtocol, start: int, stop: int, *, depth: int = 0) -> np.ndarray:
+    """Rows [start, stop) of `tensor` as an array; a view of a reused buffer for a file-backed or derived
+    tensor (valid until the next read at the same depth on this thread)."""
+    dtype, shape = tensor.dtype.numpy(), tuple(tensor.shape.numpy())
+    out_shape = (stop - start, *shape[1:])
+    if isinstance(tensor, DerivedTensor):
+        out = _view(scratch(f"out{depth}", int(np.prod(out_shape)) * dtype.itemsize), dtype, out_shape)
+        tensor.map_rows(start, stop, out, depth=depth + 1)
+        return out
+    if _is_plain_file_tensor(tensor):
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        out = _view(scratch(f"in{depth}", (stop - start) * row_bytes), dtype, out_shape)
+        with open(tensor.path, "rb", buffering=0) as file:
+            file.seek((tensor.offset or 0) + start * row_bytes)
+            if file.readinto(_bytes(out)) != out.nbytes:
+                raise ValueError(f"external data of {tensor.name!r} ends before its {tensor.size} elements")
+        return out
+    return tensor.numpy()[start:stop]
+
+
+def row_blocks(rows: int, per_block: int):
+    """(start, stop) pairs covering range(rows) in blocks of `per_block`."""
+    for start in range(0, rows, per_block):
+        yield start, min(rows, start + per_block)
+
+
+def blocks(tensor: ir.TensorProtocol):
+    """(start, rows) over `tensor` one block of rows at a time (each block valid until the next)."""
+    shape = tuple(tensor.shape.numpy())
+    for start, stop in row_blocks(shape[0], block_rows(shape, tensor.dtype.numpy().itemsize)):
+        yield start, read_rows(tensor, start, stop)
+
+
+def largest_magnitude(tensor: ir.TensorProtocol) -> float:
+    """max |a| over the tensor (0 when empty), read one block at a time."""
+    largest = 0.0
+    for _, block in blocks(tensor):
+        if block.size:
+            largest = max(largest, abs(float(block.max())), abs(float(block.min())))
+    return largest
+
+
+def shift_through(weight: ir.TensorProtocol, shift: np.ndarray, *, axis: int) -> np.ndarray:
+    """The bias a constant input `shift` adds through a 2-D linear weight read along `axis` (its input
+    features): shift W for axis 0, W shift for axis 1; summed in float64 one block of rows at a time."""
+    shift = np.asarray(shift, dtype=np.float64)
+    rows, columns = tuple(weight.shape.numpy())
+    total = np.zeros(columns if axis == 0 else rows, dtype=np.float64)
+    for start, block in blocks(weight):
+        stop = start + block.shape[0]
+        if axis == 0:
+            total += np.einsum("i,ij->j", shift[start:stop], block, dtype=np.float64)
+        else:
+            total[start:stop] = np.einsum("ij,j->i", block, shift, dtype=np.float64)
+    return total
+
+
+@dataclass
+class Recentre:
+    """a - mean_axis(a) (float64), keeping the first `keep` entries along `axis` (all when None)."""
+
+    axis: int
+    keep: int | None = None
+    _mean: np.ndarray | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return _kept(shape, self.axis, self.keep)
+
+    def prepare(self, source: ir.TensorProtocol, depth: int) -> None:
+        """Along axis 0, the mean over every row of the source: summed in float64 one block at a time,
+        once."""
+        if self.axis != 0:
+            return
+        with self._lock:
+            if self._mean is None:
+                shape = tuple(source.shape.numpy())
+                total = np.zeros(shape[1:], dtype=np.float64)
+                for start, stop in row_blocks(shape[0], block_rows(shape, source.dtype.numpy().itemsize)):
+                    total += np.add.reduce(read_rows(source, start, stop, depth=depth), axis=0, dtype=np.float64)
+                self._mean = total / np.float64(shape[0])
+
+    def apply(self, block: np.ndarray, start: int, out: np.ndarray) -> None:
+        if self.axis == 0:
+            np.subtract(block, self._mean, out=out, dtype=np.float64, casting="unsafe")
+            return
+        mean = block.mean(axis=self.axis, keepdims=True, dtype=np.float64)
+        np.subtract(_take(block, self.axis, self.keep), mean, out=out, dtype=np.float64, casting="unsafe")
+
+
+@dataclass
+class Scale:
+    """a * factors along `axis` (float64 factors), keeping the first `keep` entries along `axis`."""
+
+    axis: int
+    factors: np.ndarray
+    keep: int | None = None
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return _kept(shape, self.axis, self.keep)
+
+    def prepare(self, source: ir.TensorProtocol, depth: int) -> None:
+        """Nothing to compute ahead."""
+
+    def apply(self, block: np.ndarray, start: int, out: np.ndarray) -> None:
+        factors = np.asarray(self.factors, dtype=np.float64)[: self.keep]
+        shape = [1] * block.ndim
+        shape[self.axis] = -1
+        factors = factors.reshape(shape)
+        if self.axis == 0:
+            factors = factors[start : start + block.shape[0]]
+        compute = _compute_dtype(factors, block.dtype)
+        with np.errstate(over="ignore"):
+            np.multiply(_take(block, self.axis, self.keep), factors.astype(compute, copy=False), out=out,
+                        dtype=compute, casting="unsafe")
+
+
+def _compute_dtype(factors: np.ndarray, dtype: np.dtype) -> np.dtype:
+    """float64, or the weight's own float32/float16 when every factor is exact in it: the product of two
+    such numbers is exact in float64, so one rounding to the weight's dtype is the same result."""
+    if dtype in (np.float32, np.float16) and np.array_equal(factors.astype(dtype), factors):
+        return dtype
+    return np.dtype(np.float64)
+
+
+class DerivedTensor(ir.LazyTensor):
+    """`mapping` applied to `source`, computed when read or saved, one block of rows at a time."""
+
+    def __init__(self, source: ir.TensorProtocol, mapping: Recentre | Scale, *, name: str | None = None) -> None:
+        source_shape = tuple(source.shape.numpy())
+        if not source_shape:
+            raise ValueError("a derived tensor needs at least one axis")
+        mapping = dataclasses.replace(mapping, axis=mapping.axis % len(source_shape))
+        shape = mapping.out_shape(source_shape)
+        super().__init__(self._materialize, dtype=source.dtype, shape=ir.Shape(shape), name=name)
+        self.source = source
+        self.mapping = mapping
+
+    def map_rows(self, start: int, stop: int, out: np.ndarray, *, depth: int = 0) -> None:
+        """Writes rows [start, stop) of the result into `out`."""
+        self.mapping.prepare(self.source, depth)
+        self.mapping.apply(read_rows(self.source, start, stop, depth=depth), start, out)
+
+    def _materialize(self) -> ir.Tensor:
+        shape = tuple(self.shape.numpy())
+        out = np.empty(shape, dtype=self.dtype.numpy())
+        for start, stop in self._blocks():
+            self.map_rows(start, stop, out[start:stop])
+        return ir.Tensor(out, name=self.name)
+
+    def _blocks(self):
+        shape = tuple(self.shape.numpy())
+        return row_blocks(shape[0], block_rows(shape, self.dtype.numpy().itemsize))
+
+    def tofile(self, file) -> None:
+        """Streams the result to `file` one block at a time through a reused buffer."""
+        dtype, shape = self.dtype.numpy(), tuple(self.shape.numpy())
+        for start, stop in self._blocks():
+            block_shape = (stop - start, *shape[1:])
+            out = _view(scratch("write", int(np.prod(block_shape)) * dtype.itemsize), dtype, block_shape)
+            self.map_rows(start, stop, out)
+            file.write(_bytes(out))
+
+
+def _is_plain_file_tensor(tensor: ir.TensorProtocol) -> bool:
+    return isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and len(tensor.shape) >= 1
+
+
+def _bytes(array: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array, as a writable uint8 view (any dtype, ml_dtypes' included)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+def _view(buffer: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    return buffer.view(dtype).reshape(shape)
+
+
+def _kept(shape: tuple[int, ...], axis: int, keep: int | None) -> tuple[int, ...]:
+    if keep is None:
+        return shape
+    return tuple(keep if i == axis % len(shape) else d for i, d in enumerate(shape))
+
+
+def _take(block: np.ndarray, axis: int, keep: int | None) -> np.ndarray:
+    if keep is None:
+        return block
+    index = [slice(None)] * block.ndim
+    index[axis] = slice(0, keep)
+    return block[tuple(index)]
