@@ -59,6 +59,7 @@ VARIANTS = {
     "default-ort": ("normfold default, target ort", "convert", None, "ort"),
     "rmsnorm-ort": ("layernorm-to-rmsnorm, target ort", "convert", "layernorm-to-rmsnorm", "ort"),
     "default-onnx": ("normfold default, target onnx", "convert", None, "onnx"),
+    "onnx-ones": ("experiment: default onnx + Mul by ones after each decomposed norm", "ones", None, "onnx"),
     "skip-ort": ("experiment: default ort + Add fused (SkipSimplifiedLayerNormalization)", "skip", None, "ort"),
 }
 
@@ -79,6 +80,9 @@ def make_variants(original: Path, scratch: Path, keys: list[str], remake: bool) 
             log(f"making {label} ...")
             if maker == "no-norm":
                 ln_bench.strip_layernorms(original, dst)
+            elif maker == "ones":
+                base = make_variants(original, scratch, ["default-onnx"], remake)["normfold default, target onnx"]
+                log(f"{label}: {restore_unit_gamma(base, dst)} norms given a Mul by ones")
             elif maker == "skip":
                 base = make_variants(original, scratch, ["default-ort"], remake)["normfold default, target ort"]
                 log(f"{label}: fused {fuse_residual_adds(base, dst)} residual Adds")
@@ -92,18 +96,29 @@ def make_variants(original: Path, scratch: Path, keys: list[str], remake: bool) 
     return paths
 
 
+def shapes_of(model) -> dict[str, list]:
+    """Value name -> dims (int or symbol): onnxruntime's symbolic shape inference (it knows its own
+    ops, SimplifiedLayerNormalization included), else onnx's (standard ops only)."""
+    from onnx import shape_inference
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        graph = SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph
+    except Exception:  # it fails on some exports' Constant nodes; onnx's inference does those
+        graph = shape_inference.infer_shapes(model).graph
+    return {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.value_info, *graph.input] if v.type.tensor_type.HasField("shape")}
+
+
 def fuse_residual_adds(src: Path, dst: Path) -> int:
     """The experiment: every SimplifiedLayerNormalization that reads an Add of two same-shape activations
     becomes SkipSimplifiedLayerNormalization(a, b, gamma), its output 3 the sum for the Add's other
     readers (exact: the same float32 sum, then the same norm). Returns how many were fused."""
     import onnx
     from onnx import helper
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # knows onnxruntime's ops
 
     model = onnx.load(str(src))
-    graph = SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph
-    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-              for v in [*graph.value_info, *graph.input] if v.type.tensor_type.HasField("shape")}
+    shapes = shapes_of(model)
     constants = {t.name for t in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
     dropped, fused = set(), {}
@@ -125,6 +140,43 @@ def fuse_residual_adds(src: Path, dst: Path) -> int:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
     return len(fused)
+
+
+def restore_unit_gamma(src: Path, dst: Path) -> int:
+    """The experiment: each decomposed RMSNorm left without its gamma Mul (Pow, ReduceMean, Add, Sqrt,
+    Div(x, rms)) gets a Mul by ones after its Div, the pattern onnxruntime fuses into
+    SimplifiedLayerNormalization (exact: x * 1 == x). Returns how many."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    width = {name: dims[-1] for name, dims in shapes_of(model).items() if dims and isinstance(dims[-1], int)}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    chain = ("Sqrt", "Add", "ReduceMean", "Pow")
+
+    def is_rms(div) -> bool:
+        node = div
+        for op in chain:
+            node = producer.get(node.input[0] if node is not div else node.input[1])
+            if node is None or node.op_type != op:
+                return False
+        return node.input[0] == div.input[0]
+
+    nodes, count = [], 0
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type != "Div" or not is_rms(node) or not width.get(node.output[0]):
+            continue
+        out, count = node.output[0], count + 1
+        ones = f"{out}/unit_gamma"
+        model.graph.initializer.append(numpy_helper.from_array(np.ones(width[out], np.float32), ones))
+        node.output[0] = f"{out}/normalized"
+        nodes.append(helper.make_node("Mul", [node.output[0], ones], [out], name=f"{node.name}/unit_gamma"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return count
 
 
 def topological(nodes: list, known: set[str]) -> list:

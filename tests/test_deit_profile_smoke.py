@@ -71,6 +71,23 @@ def test_the_add_fusion_experiment_is_equivalent_and_fuses_every_residual_add(co
     assert result.passed, result.summary_lines()
 
 
+def test_a_unit_gamma_lets_onnxruntime_fuse_the_decomposed_norms(converted, tmp_path):
+    import normfold
+
+    src, _ = converted
+    model, _ = normfold.convert(src, target="onnx", verify=False)
+    onnx_model = tmp_path / "tiny_onnx.onnx"
+    normfold.save(model, onnx_model)
+    before = deit_profile.optimized_ops(onnx_model, tmp_path, 1)
+    assert before["Pow"] == 5 and before["SimplifiedLayerNormalization"] == 0  # no gamma Mul: no fusion
+    restored = tmp_path / "restored.onnx"
+    assert deit_profile.restore_unit_gamma(onnx_model, restored) == 5
+    after = deit_profile.optimized_ops(restored, tmp_path, 1)
+    assert after["SimplifiedLayerNormalization"] == 5 and after["Pow"] == 0
+    result = normfold.verify(src, restored, tolerance_class="renorm")
+    assert result.passed, result.summary_lines()
+
+
 @pytest.mark.parametrize("kind", sorted(set(deit_profile.FORMS.values())))
 def test_every_emission_form_computes_its_reference(kind):
     import onnx
