@@ -478,6 +478,43 @@ def time_forms(shape: tuple[int, ...], threads: int, repeats: int) -> dict[str, 
 # --- report ----------------------------------------------------------------------------------------
 
 
+def implied(summaries: dict[str, dict]) -> dict[str, dict]:
+    """Per variant: the op types (Adds by shape) whose node count differs from the original's (what
+    the rewrite and onnxruntime's fusions changed), their kernel-time delta, and the latency ratio it
+    implies, 1 + delta / original kernel time. Op types run as often in both are left out: their
+    delta is the same work timed twice, i.e. noise."""
+    base = summaries["original"]
+    out = {}
+    for label, s in summaries.items():
+        changed = sorted(op for op in set(s["count"]) | set(base["count"])
+                         if s["count"].get(op, 0) != base["count"].get(op, 0))
+        delta = sum(s["ops"].get(op, 0.0) - base["ops"].get(op, 0.0) for op in changed)
+        out[label] = {"changed": changed, "delta_ms": delta, "ratio": 1 + delta / base["kernel_ms"]}
+    return out
+
+
+def render_implied(summaries: dict[str, dict], lat: dict | None) -> list[str]:
+    base = summaries["original"]
+    norm = sum(ms for op, ms in base["ops"].items() if op.split(" ")[0] in NORM_OPS)
+    L = ["## What the rewrites change, from the profile", "",
+         f"The original's norm kernels take {norm:.1f} ms of {base['kernel_ms']:.1f} ms of kernel time per run "
+         f"({100 * norm / base['kernel_ms']:.1f}%): removing every norm and nothing else can at best reach "
+         f"{1 - norm / base['kernel_ms']:.3f}. \"Implied ratio\" is 1 + (kernel-time delta of the op types "
+         "whose node count changed) / (original kernel time): the rewrite's own effect, without the noise of "
+         "the op types it left alone.", "",
+         "| variant | op types whose count changed | their delta ms | implied ratio | kernel ratio |"
+         + (" latency ratio |" if lat else ""), "|---|---|--:|--:|--:|" + ("--:|" if lat else "")]
+    for label, v in implied(summaries).items():
+        if label == "original":
+            continue
+        ratio = summaries[label]["kernel_ms"] / base["kernel_ms"]
+        line = (f"| {label} | {', '.join(v['changed'])} | {v['delta_ms']:+.1f} | **{v['ratio']:.3f}** "
+                f"| {ratio:.3f} |")
+        L.append(line + (f" {lat[label]['ratio']:.3f} |" if lat else ""))
+    L.append("")
+    return L
+
+
 def render_forms(forms: dict[str, dict], shape: tuple[int, ...], threads: int, repeats: int) -> list[str]:
     floor = forms.get(next(label for label, kind in FORMS.items() if kind == "add"), {}).get("block_us")
     L = [f"## Norm emission forms timed alone ({FORM_BLOCKS} residual blocks at {'x'.join(map(str, shape))}, "
@@ -534,6 +571,7 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
             line += f" {lt['median_ms']:.1f} | {lt['ratio']:.3f} | {lt['p90_ratio']:.3f} |"
         L.append(line)
     L.append("")
+    L += render_implied(summaries, lat)
     L.append("## Kernel time per op type (ms per run, count per run; delta against the original)")
     L.append("")
     ops = sorted({op for s in summaries.values() for op in s["ops"]}, key=lambda op: -base["ops"].get(op, 0.0))
