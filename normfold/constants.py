@@ -45,7 +45,23 @@ def is_constant(value: ir.Value | None, model: ir.Model) -> bool:
     if value is not None and value.is_initializer():
         overridable = value.is_graph_input() and model.ir_version >= LEGACY_INPUT_INITIALIZERS_IR
         return value.const_value is not None and not overridable
-    return constant(value, model).array is not None
+    return _may_be_constant(value, model) and constant(value, model).array is not None
+
+
+def _may_be_constant(value: ir.Value | None, model: ir.Model, depth: int = 0) -> bool:
+    """False when `value` certainly is not a constant: it depends on a graph input, or on a node
+    `constant` never evaluates. Reads no tensor data, so `constant` checks it before reading any."""
+    if value is None or value.is_initializer():
+        return value is None or is_constant(value, model)
+    producer = value.producer()
+    if producer is None or depth >= MAX_DEPTH:
+        return False
+    if producer.op_type in ("Constant", "Shape"):
+        return True
+    if producer.domain not in ("", "ai.onnx") or producer.op_type in _NONDETERMINISTIC or _has_subgraph(producer):
+        return False
+    return all(_may_be_constant(operand, model, depth + 1)
+               for index, operand in enumerate(producer.inputs) if not (producer.op_type == "CastLike" and index))
 
 
 def constant(value: ir.Value | None, model: ir.Model, _depth: int = 0) -> Constant:
@@ -69,7 +85,7 @@ def constant(value: ir.Value | None, model: ir.Model, _depth: int = 0) -> Consta
         return Constant(tensor.numpy()) if tensor is not None else not_constant
     if producer.op_type == "Shape":
         return _static_shape(producer) or not_constant
-    if _depth >= MAX_DEPTH:
+    if _depth >= MAX_DEPTH or not _may_be_constant(value, model, _depth):
         return not_constant
     inputs = []
     for index, operand in enumerate(producer.inputs):

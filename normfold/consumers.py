@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normfold.constants import constant
+from normfold.constants import constant, is_constant
 from normfold.report import node_label
 from normfold.rewrite import add_initializer, cast_finite, insert_after_value, set_input, unique_node_name
 from normfold.residual import keeps_width
@@ -24,11 +24,16 @@ MAX_VIEW_DEPTH = 8
 
 @dataclass(frozen=True)
 class LinearReader:
-    """A MatMul/Gemm reading the norm output as its data input; `weight_axis` indexes input features."""
+    """A MatMul/Gemm reading the norm output as its data input; `weight_axis` indexes input features.
+    `weight` is the initializer's tensor itself (not read yet) or a computed constant's values."""
 
     node: ir.Node
-    weight: np.ndarray
+    weight: ir.TensorProtocol
     weight_axis: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype.numpy()
 
 
 class NotLinear(Exception):
@@ -55,27 +60,37 @@ def linear_readers(value: ir.Value, model: ir.Model, _depth: int = 0) -> list[Li
 
 
 def _linear(node: ir.Node, model: ir.Model) -> LinearReader:
-    weight = constant(node.inputs[1], model)
-    if weight.array is None:
-        raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant: {weight.reason}")
+    weight = _weight_tensor(node.inputs[1], model)
+    if isinstance(weight, str):
+        raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant: {weight}")
     if node.op_type == "Gemm":
         if node.attributes.get_int("transA", 0):
             raise NotLinear(f"Gemm {node_label(node)} has transA=1")
-        return LinearReader(node, weight.array, 1 if node.attributes.get_int("transB", 0) else 0)
-    if weight.array.ndim != 2:
-        raise NotLinear(f"the weight of MatMul {node_label(node)} has rank {weight.array.ndim}, expected 2")
-    return LinearReader(node, weight.array, 0)
+        return LinearReader(node, weight, 1 if node.attributes.get_int("transB", 0) else 0)
+    if len(weight.shape) != 2:
+        raise NotLinear(f"the weight of MatMul {node_label(node)} has rank {len(weight.shape)}, expected 2")
+    return LinearReader(node, weight, 0)
 
 
-def linear_edit(node: ir.Node, new_weight: np.ndarray, delta: np.ndarray | None, model: ir.Model):
-    """Checks and returns the edit giving a MatMul/Gemm reader `new_weight` and adding `delta` to its
-    output (into a following bias Add, Gemm's C, or a new Add)."""
+def _weight_tensor(value: ir.Value, model: ir.Model) -> ir.TensorProtocol | str:
+    """The constant weight as a tensor, an initializer's without reading it; else why it is not constant."""
+    if value.is_initializer() and is_constant(value, model):
+        return value.const_value
+    const = constant(value, model)
+    return const.reason if const.array is None else ir.tensor(const.array)
+
+
+def linear_edit(node: ir.Node, new_weight: np.ndarray | ir.TensorProtocol, delta: np.ndarray | None,
+                model: ir.Model):
+    """Checks and returns the edit giving a MatMul/Gemm reader `new_weight` (an array or a tensor) and
+    adding `delta` to its output (into a following bias Add, Gemm's C, or a new Add)."""
+    dtype = new_weight.dtype.numpy() if isinstance(new_weight, ir.TensorProtocol) else new_weight.dtype
     if node.op_type == "Gemm":
-        return _gemm_edit(node, new_weight, delta, model)
-    return _matmul_edit(node, new_weight, delta, model)
+        return _gemm_edit(node, new_weight, dtype, delta, model)
+    return _matmul_edit(node, new_weight, dtype, delta, model)
 
 
-def _gemm_edit(node: ir.Node, new_weight, delta, model):
+def _gemm_edit(node: ir.Node, new_weight, dtype, delta, model):
     c = constant(node.inputs[2], model).array if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if len(node.inputs) > 2 and node.inputs[2] is not None and c is None:
         raise NotLinear(f"the C input of Gemm {node.name!r} is not constant")
@@ -84,7 +99,7 @@ def _gemm_edit(node: ir.Node, new_weight, delta, model):
     new_c = None
     if delta is not None or c is not None:
         new_c = (0.0 if c is None else beta_g * np.asarray(c, np.float64)) + (0.0 if delta is None else alpha * delta)
-        new_c = cast_checked(np.asarray(new_c), new_weight.dtype, "bias")
+        new_c = cast_checked(np.asarray(new_c), dtype, "bias")
 
     def apply() -> None:
         set_input(node, 1, new_weight, model, "weight", "folded")
@@ -95,11 +110,11 @@ def _gemm_edit(node: ir.Node, new_weight, delta, model):
     return apply
 
 
-def _matmul_edit(node: ir.Node, new_weight, delta, model):
-    delta = None if delta is None else cast_checked(delta, new_weight.dtype, "bias")
+def _matmul_edit(node: ir.Node, new_weight, dtype, delta, model):
+    delta = None if delta is None else cast_checked(delta, dtype, "bias")
     bias_add, bias_index, bias = _following_bias(node, model, new_weight.shape[-1])
     if delta is not None and bias_add is not None:
-        new_bias = cast_checked(np.asarray(bias, np.float64) + delta, new_weight.dtype, "bias")
+        new_bias = cast_checked(np.asarray(bias, np.float64) + delta, dtype, "bias")
 
     def apply() -> None:
         set_input(node, 1, new_weight, model, "weight", "folded")

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK_BYTES = 16 * 2**20
-"""Size of the float64 blocks `recentre_as` works in."""
-
-
 def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """s = gamma / sqrt(var + eps), t = beta - s * mean (all float64)."""
     gamma, beta, mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var))
@@ -84,61 +80,6 @@ def recentre(array: np.ndarray, *, axis: int, width: int | None = None) -> np.nd
         shape[axis] = width
         array = np.broadcast_to(array, shape)
     return array - array.mean(axis=axis, keepdims=True)
-
-
-def recentre_as(array: np.ndarray, dtype, *, axis: int) -> np.ndarray:
-    """recentre(array, axis=axis) cast to `dtype`, computed in float64 one block of slices at a time.
-
-    The same values as the whole-array form (float64 mean, float64 subtraction, one cast), but a large
-    weight never needs a whole float64 copy: the peak is the input, the output and one block.
-    """
-    array = np.asarray(array)
-    mean = array.mean(axis=axis, keepdims=True, dtype=np.float64)
-    out = np.empty(array.shape, dtype=dtype)
-    for index in _blocks(array.shape, other_than=axis):
-        np.subtract(array[index], mean[index], out=out[index], dtype=np.float64, casting="unsafe")
-    return out
-
-
-def scale_channels_as(weight: np.ndarray, scale: np.ndarray, dtype, *, axis: int) -> np.ndarray:
-    """scale_channels(weight, scale, axis=axis) (groups = 1) cast to `dtype`, in float64 blocks as
-    recentre_as; a value `dtype` cannot hold comes out inf (callers check finiteness)."""
-    weight = np.asarray(weight)
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    factors = np.asarray(scale, dtype=np.float64).reshape(shape)
-    out = np.empty(weight.shape, dtype=dtype)
-    with np.errstate(over="ignore"):
-        for index in _blocks(weight.shape, other_than=None):
-            block_factors = factors[tuple(i if factors.shape[k] > 1 else slice(None) for k, i in enumerate(index))]
-            np.multiply(weight[index], block_factors, out=out[index], dtype=np.float64, casting="unsafe")
-    return out
-
-
-def shift_through(weight: np.ndarray, shift: np.ndarray, *, axis: int) -> np.ndarray:
-    """The bias a constant input `shift` adds through a 2-D linear weight read along `axis` (its input
-    features): shift W for axis 0, W shift for axis 1; float64, summed one block of features at a time."""
-    weight = np.asarray(weight)
-    shift = np.asarray(shift, dtype=np.float64)
-    total = np.zeros(weight.shape[1 - axis], dtype=np.float64)
-    for index in _blocks(weight.shape, other_than=1 - axis):
-        block = weight[index].astype(np.float64)
-        total += shift[index[axis]] @ block if axis == 0 else block @ shift[index[axis]]
-    return total
-
-
-def _blocks(shape: tuple[int, ...], *, other_than: int | None):
-    """Index tuples cutting an array of `shape` into float64 blocks of about BLOCK_BYTES along its first
-    axis that is not `other_than` (the whole array when there is none)."""
-    ndim = len(shape)
-    along = next((i for i in range(ndim) if other_than is None or i != other_than % ndim), None)
-    if along is None or not shape[along]:
-        yield tuple(slice(None) for _ in shape)
-        return
-    per_slice = 8 * int(np.prod(shape, dtype=np.int64)) // shape[along]
-    step = max(1, BLOCK_BYTES // max(1, per_slice))
-    for start in range(0, shape[along], step):
-        yield tuple(slice(start, start + step) if i == along else slice(None) for i in range(ndim))
 
 
 def crms_input_weight(weight: np.ndarray, gamma: np.ndarray, *, axis: int) -> np.ndarray:

@@ -4,9 +4,11 @@
   so a model over 2 GB loads in little memory. External initializers are read from their file on
   each use (`StreamedExternalTensor`, no memory map kept), so memory holds only the arrays a pass is
   working on, and save copies untouched tensors file to file (copy_file_range) without reading them.
-- Rewritten weights of a model that has external data are spilled (`new_tensor`): each array of at
-  least SPILL_THRESHOLD_BYTES is written to a temporary file as soon as a pass makes it and kept as a
-  StreamedExternalTensor, so converting a model of several GB holds about one tensor at a time.
+- Weights a pass recentres or scales are normfold.derived.DerivedTensors of the loaded ones: computed
+  when saved, one block of rows at a time through reused buffers. Weights a pass computes outright, in
+  a model that has external data, are spilled (`new_tensor`): each array of at least
+  SPILL_THRESHOLD_BYTES is written to a temporary file as soon as a pass makes it and kept as a
+  StreamedExternalTensor. Either way converting a model of several GB holds about one tensor at a time.
   The spill directory is created beside the model (else in the system temp directory) and removed
   when the model is garbage-collected or the process exits.
 - Before anything reads a tensor, the protobuf is checked
@@ -42,6 +44,7 @@ import onnx
 import onnx_ir as ir
 
 from normfold import __version__
+from normfold.derived import DerivedTensor
 from normfold.errors import InputError, UnsafePathError
 from normfold.validate import iter_tensor_protos, validate_model, validate_proto
 
@@ -64,6 +67,10 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 1
 _EMBED_LIMIT_BYTES = 1_800_000_000  # leave head-room under the protobuf limit for the graph itself
 _EXTERNAL_THRESHOLD_BYTES = 1024
 """With external data, tensors above this size go to the data file; smaller ones stay in the proto."""
+
+SAVE_WORKERS = min(4, os.cpu_count() or 1)
+"""Threads writing external data: a derived weight is computed while another is written (numpy and file
+writes release the GIL); each holds a few reused blocks (normfold.derived), never a whole tensor."""
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -146,7 +153,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, force: bool = False) -> Pa
         tmp_model = tmp_dir / path.name
         with _attribute_tensors_in_memory(model):
             if use_external:
-                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
+                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
+                        max_workers=SAVE_WORKERS)
             else:
                 ir.save(model, tmp_model)
         written = [p for p in destinations if (tmp_dir / p.name).exists()]
@@ -405,6 +413,8 @@ def _record_sources(model: ir.Model, files: list[Path]) -> None:
 def _needs_external_data(model: ir.Model) -> bool:
     total = 0
     for tensor in _all_tensors(model):
+        while isinstance(tensor, DerivedTensor):  # a weight rewritten from an external one
+            tensor = tensor.source
         if isinstance(tensor, ir.ExternalTensor):
             return True
         with contextlib.suppress(TypeError):  # strings: counted as nothing, they are never large here

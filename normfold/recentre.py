@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from normfold import foldmath
 from normfold.constants import constant, is_constant
+from normfold.derived import DerivedTensor, Recentre
 from normfold.rewrite import add_initializer, unique_node_name
 from normfold.shapes import rank
 
@@ -103,9 +104,8 @@ class _Planner:
     def plan(self, value, axis, value_rank, use, *, top, depth) -> list[Edit]:
         if depth > MAX_DEPTH:
             raise NotFoldable(f"{value.name!r} is too far from any constant")
-        const = constant(value, self.model)
-        if const.array is not None:
-            return [self._constant(value, const.array.ndim, axis, value_rank, use)]
+        if is_constant(value, self.model):
+            return [self._constant(value, axis, value_rank, use)]
         node = value.producer()
         if node is None:
             raise NotFoldable(f"{value.name!r} is a graph input")
@@ -229,44 +229,49 @@ class _Planner:
         array = constant(v, self.model).array
         if array is None:
             raise NotFoldable(f"{v.name!r} is added uniformly along the width and is not constant")
-        return [self._constant(v, array.ndim, axis, value_rank, (node, index))]
+        return [self._constant(v, axis, value_rank, (node, index))]
 
     def _weight(self, node: ir.Node, index: int, *, axis: int) -> Edit:
         """An edit giving `node` a new initializer: its input `index` recentred along `axis`.
 
-        The weight is read again and recentred when the edit is applied, not when it is planned, so a
-        stream's writers are never all in memory at once (each new tensor is spilled as it is made)."""
+        The new weight is a DerivedTensor of the old: computed one block at a time when the model is
+        saved, so a stream's writers are never in memory at once."""
         if not is_constant(node.inputs[index], self.model):
             raise NotFoldable(f"{node.op_type} input {node.inputs[index].name!r} is not constant")
         source, model = node.inputs[index], self.model
 
         def apply() -> None:
-            new = self._recentred(constant(source, model).array, axis)
+            new = self._recentred(source, axis)
             node.replace_input_with(index, add_initializer(node.graph, f"{source.name}_recentred", new, model))
 
         return apply
 
-    def _recentred(self, array: np.ndarray, axis: int) -> np.ndarray:
-        """`array` recentred along `axis` (widened to the stream's width if it broadcasts), in its dtype."""
-        if array.shape[axis] == self.width:
-            return self._drop(foldmath.recentre_as(array, array.dtype, axis=axis), axis)
+    def _recentred(self, value: ir.Value, axis: int, value_rank: int | None = None) -> np.ndarray | DerivedTensor:
+        """The constant `value` (seen with rank `value_rank`, leading 1s added) recentred along `axis` in its
+        dtype: a DerivedTensor when its width axis is full, else widened to the stream's width now."""
+        tensor = value.const_value if value.is_initializer() else None
+        if tensor is None or (value_rank is not None and len(tensor.shape) != value_rank):
+            array = constant(value, self.model).array
+            rank_ = array.ndim if value_rank is None else value_rank
+            tensor = ir.tensor(array.reshape((1,) * (rank_ - array.ndim) + array.shape))
+        if tensor.shape[axis] == self.width:
+            return DerivedTensor(tensor, Recentre(axis, self.width - 1 if self.drop_last else None))
+        array = tensor.numpy()
         return self._drop(foldmath.recentre(array, axis=axis, width=self.width), axis).astype(array.dtype)
 
-    def _constant(self, value, ndim, axis, value_rank, use) -> Edit:
-        """An edit replacing a constant by its recentred copy, for one use or for all of them (read
-        again and recentred when applied, as `_weight`)."""
+    def _constant(self, value, axis, value_rank, use) -> Edit:
+        """An edit replacing a constant by its recentred copy, for one use or for all of them (computed
+        when applied, as `_weight`)."""
         uses = [use] if use is not None else list(value.uses())
         model = self.model
 
         def apply() -> None:
-            array = constant(value, model).array
-            new = self._recentred(array.reshape((1,) * (value_rank - ndim) + array.shape), axis)
+            new = self._recentred(value, axis, value_rank)
             replacement = add_initializer(uses[0][0].graph, f"{value.name}_recentred", new, model)
             for node, index in uses:
                 node.replace_input_with(index, replacement)
 
         return apply
-
 
     def _drop(self, array: np.ndarray, axis: int) -> np.ndarray:
         """Without its last element along `axis`, when storing the stream in d-1 dimensions."""

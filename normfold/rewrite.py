@@ -62,25 +62,34 @@ class NormPass(ir.passes.InPlacePass):
         self.notes.append(Skip(node_label(node), reason))
 
 
-def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, model: ir.Model) -> ir.Value:
-    """Adds a new initializer named after `base_name` (made unique) holding `array`.
+def add_initializer(graph: ir.Graph, base_name: str, data: np.ndarray | ir.TensorProtocol,
+                    model: ir.Model) -> ir.Value:
+    """Adds a new initializer named after `base_name` (made unique) holding `data`: an array, or a tensor
+    such as a normfold.derived.DerivedTensor (computed when saved, one block at a time).
 
     A big array of a model with external data goes straight to disk (normfold.io.new_tensor), so a
     pass that rewrites every weight of a large model never holds more than the one it is computing.
     Below IR 4 the main graph's initializers must also be listed as graph inputs, so it is.
     """
     name = unique_name(graph, base_name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = io.new_tensor(model, array, name)
+    if isinstance(data, ir.TensorProtocol):
+        tensor = data
+        tensor.name = name
+    else:
+        tensor = io.new_tensor(model, data, name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
     graph.register_initializer(value)
     if model.ir_version < LEGACY_INPUT_INITIALIZERS_IR and graph is model.graph:
         graph.inputs.append(value)
     return value
 
 
-def set_input(node: ir.Node, index: int, array: np.ndarray, model: ir.Model, role: str, suffix: str) -> None:
-    """Gives `node` a new initializer holding `array` as input `index` (appended if missing), named after
-    the input it replaces (or the node and `role`) plus `suffix`; the old value is left to its other users."""
+def set_input(node: ir.Node, index: int, array: np.ndarray | ir.TensorProtocol, model: ir.Model, role: str,
+              suffix: str) -> None:
+    """Gives `node` a new initializer holding `array` (an array or a tensor) as input `index` (appended if
+    missing), named after the input it replaces (or the node and `role`) plus `suffix`; the old value is
+    left to its other users."""
     old = node.inputs[index] if index < len(node.inputs) else None
     base = old.name if old is not None and old.name else f"{node.name or node.op_type}_{role}"
     value = add_initializer(node.graph, f"{base}_{suffix}", array, model)

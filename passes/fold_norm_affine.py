@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from normfold import foldmath
+from normfold import derived
 from normfold.constants import constant
 from normfold.consumers import LinearReader, NotLinear, linear_edit, linear_readers
+from normfold.derived import DerivedTensor, Scale
 from normfold.detect import NormSite, find_sites
 from normfold.rewrite import NormPass, add_initializer, bypass
 
@@ -73,32 +74,27 @@ def _affine(site: NormSite, model: ir.Model) -> tuple[np.ndarray, np.ndarray | N
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):
     """Checks one reader and returns the edit that folds (gamma, beta) into it.
 
-    The scaled weight is computed when the edit is applied, from the weight read again then, so a
-    norm's readers are never all in memory twice (large weights are spilled as they are made)."""
+    No weight is read whole: the overflow bound and beta W are summed over blocks of the weight's rows,
+    and the scaled weight is a DerivedTensor, computed one block at a time when the model is saved."""
     node, weight, axis = reader.node, reader.weight, reader.weight_axis
     if weight.shape[axis] != gamma.size:
         raise NotLinear(f"{node.op_type} {node.name!r} reads {weight.shape[axis]} features, the norm has {gamma.size}")
-    if not _fits(weight, gamma, axis):
-        raise NotLinear(f"the folded weight overflows {weight.dtype.name}")
-    delta = foldmath.shift_through(weight, beta, axis=axis) if beta is not None and np.any(beta) else None
-    linear_edit(node, weight, delta, model)  # checks the bias side now; applied below with the scaled weight
-    source, dtype = node.inputs[1], weight.dtype
-
-    def apply() -> None:
-        new_weight = foldmath.scale_channels_as(constant(source, model).array, gamma, dtype, axis=axis)
-        linear_edit(node, new_weight, delta, model)()
-
-    return apply
+    scaled = DerivedTensor(weight, Scale(axis, gamma))
+    if not _fits(weight, scaled, gamma):
+        raise NotLinear(f"the folded weight overflows {reader.dtype.name}")
+    delta = derived.shift_through(weight, beta, axis=axis) if beta is not None and np.any(beta) else None
+    return linear_edit(node, scaled, delta, model)
 
 
-def _fits(weight: np.ndarray, gamma: np.ndarray, axis: int) -> bool:
-    """True when diag(gamma) W along `axis` stays finite in the weight's dtype: the bound max|W| max|gamma|
-    when it settles it, else the exact product."""
-    limit = float(np.finfo(weight.dtype).max)
-    largest = max(abs(float(weight.max(initial=0.0))), abs(float(weight.min(initial=0.0))))
-    if largest * float(np.abs(gamma).max(initial=0.0)) < limit:
+def _fits(weight: ir.TensorProtocol, scaled: DerivedTensor, gamma: np.ndarray) -> bool:
+    """True when diag(gamma) W stays finite in the weight's dtype: certain when max|gamma| <= 1, else
+    the bound max|W| max|gamma| when it settles it, else the exact product."""
+    largest_gamma = float(np.abs(gamma).max(initial=0.0))
+    if largest_gamma <= 1.0:
         return True
-    return bool(np.all(np.isfinite(foldmath.scale_channels_as(weight, gamma, weight.dtype, axis=axis))))
+    if derived.largest_magnitude(weight) * largest_gamma < float(np.finfo(weight.dtype.numpy()).max):
+        return True
+    return bool(np.all(np.isfinite(scaled.numpy())))
 
 
 def _drop_affine(site: NormSite, model: ir.Model) -> None:

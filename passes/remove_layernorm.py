@@ -169,7 +169,7 @@ class RemoveLayerNorm(NormPass):
 
     def _fold(self, reader, scale: np.ndarray, beta: np.ndarray | None, centred: bool, model: ir.Model):
         """The edit folding diag(scale) (and C unless `centred`) and beta into one linear reader."""
-        node, weight, axis = reader.node, reader.weight, reader.weight_axis
+        node, weight, axis = reader.node, reader.weight.numpy(), reader.weight_axis
         if weight.shape[axis] != scale.size:
             raise NotLinear(f"{node.op_type} {node.name!r} reads {weight.shape[axis]} features, "
                             f"the norm has {scale.size}")

@@ -17,6 +17,7 @@ import pytest
 
 import normfold
 from normfold import io
+from normfold.derived import DerivedTensor
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -45,18 +46,31 @@ def test_external_reads_leave_nothing_mapped(pre_ln):
     assert tensor.tobytes() == first.tobytes() and tensor.raw is None
 
 
-def test_rewritten_weights_are_spilled_not_held(pre_ln, monkeypatch):
-    monkeypatch.setattr(io, "SPILL_THRESHOLD_BYTES", 4096)
+def test_recentred_and_scaled_weights_are_derived_not_held(pre_ln):
+    """The default passes recentre writers and scale readers: every big new weight is a DerivedTensor of
+    the loaded one (computed when saved), so nothing big is in memory after the passes."""
     model, report = normfold.convert(io.load(pre_ln), verify=False)
-    assert report.applied
     new = [v for v in model.graph.initializers.values() if v.name not in report.untouched_initializers]
     big = [v for v in new if v.const_value.nbytes >= 4096]
-    assert big, "the passes rewrote no big weight: the test model does not exercise spilling"
+    assert big and all(isinstance(v.const_value, DerivedTensor) for v in big)
+    in_memory = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                    if not isinstance(v.const_value, (ir.ExternalTensor, DerivedTensor)))
+    assert in_memory < 4096 * len(new)
+
+
+def test_computed_weights_are_spilled_not_held(pre_ln, monkeypatch):
+    """Weights a pass computes outright (CRMSNorm's readers, W_i - W_d) go to the spill file as made."""
+    monkeypatch.setattr(io, "SPILL_THRESHOLD_BYTES", 4096)
+    model, report = normfold.convert(io.load(pre_ln), ["layernorm-to-crmsnorm"], verify=False)
+    assert report.applied
+    new = [v for v in model.graph.initializers.values() if v.name not in report.untouched_initializers]
+    big = [v for v in new if v.const_value.nbytes >= 4096 and not isinstance(v.const_value, DerivedTensor)]
+    assert big, "the pass computed no big weight: the test model does not exercise spilling"
     assert all(isinstance(v.const_value, io.StreamedExternalTensor) for v in big)
     spill_dirs = {os.path.dirname(v.const_value.path) for v in big}
     assert len(spill_dirs) == 1 and os.path.basename(next(iter(spill_dirs))).startswith(".normfold-spill-")
     in_memory = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                    if not isinstance(v.const_value, ir.ExternalTensor))
+                    if not isinstance(v.const_value, (ir.ExternalTensor, DerivedTensor)))
     assert in_memory < 4096 * len(new)  # only the small ones stay in memory
     spill_dir = next(iter(spill_dirs))
     clone = model.clone()
@@ -69,13 +83,14 @@ def test_rewritten_weights_are_spilled_not_held(pre_ln, monkeypatch):
     assert not os.path.exists(spill_dir)  # removed with the last model that used it
 
 
-def test_spilled_conversion_saves_the_same_model(pre_ln, tmp_path, monkeypatch):
-    held, _ = normfold.convert(io.load(pre_ln), verify=False)
+@pytest.mark.parametrize("passes", [None, ["layernorm-to-crmsnorm"]])
+def test_spilled_conversion_saves_the_same_model(pre_ln, tmp_path, monkeypatch, passes):
+    held, _ = normfold.convert(io.load(pre_ln), passes, verify=False)
     assert io.SPILL_KEY in held.meta
     monkeypatch.setattr(io, "SPILL_THRESHOLD_BYTES", 1 << 62)  # nothing spilled
     io.save(held, tmp_path / "held.onnx")
     monkeypatch.setattr(io, "SPILL_THRESHOLD_BYTES", 4096)
-    spilled, _ = normfold.convert(io.load(pre_ln), verify=False)
+    spilled, _ = normfold.convert(io.load(pre_ln), passes, verify=False)
     out = io.save(spilled, tmp_path / "spilled.onnx")
     assert sorted(p.name for p in tmp_path.glob("spilled.onnx*")) == ["spilled.onnx", "spilled.onnx.data"]
     a, b = initializer_arrays(tmp_path / "held.onnx"), initializer_arrays(out)
