@@ -78,28 +78,24 @@ def blocks(tensor: ir.TensorProtocol):
         yield start, read_rows(tensor, start, stop)
 
 
-def largest_magnitude(tensor: ir.TensorProtocol) -> float:
-    """max |a| over the tensor (0 when empty), read one block at a time."""
-    largest = 0.0
-    for _, block in blocks(tensor):
-        if block.size:
-            largest = max(largest, abs(float(block.max())), abs(float(block.min())))
-    return largest
-
-
-def shift_through(weight: ir.TensorProtocol, shift: np.ndarray, *, axis: int) -> np.ndarray:
-    """The bias a constant input `shift` adds through a 2-D linear weight read along `axis` (its input
-    features): shift W for axis 0, W shift for axis 1; summed in float64 one block of rows at a time."""
-    shift = np.asarray(shift, dtype=np.float64)
+def scan_linear(weight: ir.TensorProtocol, shift: np.ndarray | None, *, axis: int,
+                largest: bool) -> tuple[float | None, np.ndarray | None]:
+    """One read of a 2-D linear weight W, rows in blocks: (max |W| if `largest`, else None; and the bias
+    a constant input `shift` adds through W read along `axis` (its input features), shift W for axis 0,
+    W shift for axis 1, summed in float64, or None without a shift)."""
     rows, columns = tuple(weight.shape.numpy())
-    total = np.zeros(columns if axis == 0 else rows, dtype=np.float64)
+    biggest = 0.0 if largest else None
+    total = None if shift is None else np.zeros(columns if axis == 0 else rows, dtype=np.float64)
+    shift = None if shift is None else np.asarray(shift, dtype=np.float64)
     for start, block in blocks(weight):
         stop = start + block.shape[0]
-        if axis == 0:
+        if largest and block.size:
+            biggest = max(biggest, abs(float(block.max())), abs(float(block.min())))
+        if shift is not None and axis == 0:
             total += np.einsum("i,ij->j", shift[start:stop], block, dtype=np.float64)
-        else:
+        elif shift is not None:
             total[start:stop] = np.einsum("ij,j->i", block, shift, dtype=np.float64)
-    return total
+    return biggest, total
 
 
 @dataclass

@@ -74,25 +74,25 @@ def _affine(site: NormSite, model: ir.Model) -> tuple[np.ndarray, np.ndarray | N
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):
     """Checks one reader and returns the edit that folds (gamma, beta) into it.
 
-    No weight is read whole: the overflow bound and beta W are summed over blocks of the weight's rows,
-    and the scaled weight is a DerivedTensor, computed one block at a time when the model is saved."""
+    No weight is read whole: max|W| (for the overflow bound) and beta W come from one read of its rows
+    in blocks, and the scaled weight is a DerivedTensor, computed block by block when the model is saved."""
     node, weight, axis = reader.node, reader.weight, reader.weight_axis
     if weight.shape[axis] != gamma.size:
         raise NotLinear(f"{node.op_type} {node.name!r} reads {weight.shape[axis]} features, the norm has {gamma.size}")
+    largest_gamma = float(np.abs(gamma).max(initial=0.0))
+    shift = beta if beta is not None and np.any(beta) else None
+    largest, delta = derived.scan_linear(weight, shift, axis=axis, largest=not largest_gamma <= 1.0)  # NaN too
     scaled = DerivedTensor(weight, Scale(axis, gamma))
-    if not _fits(weight, scaled, gamma):
+    if not _fits(scaled, largest, largest_gamma):
         raise NotLinear(f"the folded weight overflows {reader.dtype.name}")
-    delta = derived.shift_through(weight, beta, axis=axis) if beta is not None and np.any(beta) else None
     return linear_edit(node, scaled, delta, model)
 
 
-def _fits(weight: ir.TensorProtocol, scaled: DerivedTensor, gamma: np.ndarray) -> bool:
-    """True when diag(gamma) W stays finite in the weight's dtype: certain when max|gamma| <= 1, else
-    the bound max|W| max|gamma| when it settles it, else the exact product."""
-    largest_gamma = float(np.abs(gamma).max(initial=0.0))
-    if largest_gamma <= 1.0:
-        return True
-    if derived.largest_magnitude(weight) * largest_gamma < float(np.finfo(weight.dtype.numpy()).max):
+def _fits(scaled: DerivedTensor, largest: float | None, largest_gamma: float) -> bool:
+    """True when diag(gamma) W stays finite in the weight's dtype: certain when max|gamma| <= 1 (then
+    `largest`, max|W|, is not needed), else the bound max|W| max|gamma| when it settles it, else the
+    exact product."""
+    if largest is None or largest * largest_gamma < float(np.finfo(scaled.dtype.numpy()).max):
         return True
     return bool(np.all(np.isfinite(scaled.numpy())))
 

@@ -112,16 +112,17 @@ def test_streaming_a_large_tensor_holds_a_block_not_the_tensor(tmp_path):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_shift_through_and_largest_magnitude_equal_the_whole_array_forms(axis, block_bytes, tmp_path):
+def test_scan_linear_equals_the_whole_array_forms(axis, block_bytes, tmp_path):
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((37, 23)).astype(np.float32)
     weight[7, 3] = -42.0
     shift = rng.standard_normal(weight.shape[axis])
     tensor = on_disk(weight, tmp_path)
     w64 = weight.astype(np.float64)
-    np.testing.assert_allclose(derived.shift_through(tensor, shift, axis=axis),
-                               shift @ w64 if axis == 0 else w64 @ shift, rtol=1e-12, atol=1e-12)
-    assert derived.largest_magnitude(tensor) == 42.0
+    largest, shifted = derived.scan_linear(tensor, shift, axis=axis, largest=True)
+    np.testing.assert_allclose(shifted, shift @ w64 if axis == 0 else w64 @ shift, rtol=1e-12, atol=1e-12)
+    assert largest == 42.0
+    assert derived.scan_linear(tensor, None, axis=axis, largest=False) == (None, None)
 
 
 def test_scale_overflow_comes_out_infinite():
