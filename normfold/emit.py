@@ -4,12 +4,17 @@ RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma (+ beta), over the last axis, sta
 
   target "onnx", opset >= 23   RMSNormalization(x, gamma, axis=-1, epsilon, stash_type=1) [+ Add beta]
   target "onnx", opset < 23    Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [-> Mul gamma]
-                               [-> Add beta]: standard ONNX, and the spelling onnxruntime 1.2x fuses into
-                               SimplifiedLayerNormalization (with Mul(x, x) it does not)
+                               [-> Add beta]: standard ONNX, and the spelling onnxruntime 1.2x-1.31 fuses
+                               into SimplifiedLayerNormalization, only with the Mul gamma (with Mul(x, x),
+                               or without the Mul, it runs the five ops: about 3x the fused kernel's time)
   target "ort"                 SimplifiedLayerNormalization(x, gamma, axis=-1, epsilon) [+ Add beta]:
                                onnxruntime's own kernel (fails onnx.checker: not standard ONNX). Its CPU
                                optimizer fuses neither this nor LayerNormalization with the residual Add
-                               of a Pre-LN model (the sum has a second reader, the next Add)
+                               of a Pre-LN model (the sum has a second reader, the next Add); emitting
+                               the fused SkipSimplifiedLayerNormalization (sum as output 3) would be
+                               slower on CPU: its kernel is a scalar loop that divides per element,
+                               about 2x SimplifiedLayerNormalization plus the Add
+                               (benchmarks/results/deit_profile.md)
 
 Float16/bfloat16 inputs are cast to float32 around the statistics in the decomposed form, as
 LayerNormalization's stash_type=1 does. `centre` emits x - mean(x), the explicit recentring used
