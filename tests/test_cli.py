@@ -135,10 +135,10 @@ def test_usage_errors_exit_2_with_one_line(capsys):
     assert err.count("\n") == 1 and err.startswith("normfold: error: usage:")
 
 
-def test_installed_command_runs_without_traceback(tmp_path):
+@pytest.mark.parametrize("module", ["normfold.cli", "normfold"])
+def test_installed_command_runs_without_traceback(tmp_path, module):
     missing = tmp_path / "missing.onnx"
-    result = subprocess.run([sys.executable, "-m", "normfold.cli", "convert", str(missing)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", module, "convert", str(missing)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == f"normfold: error: {missing}: no such file\n"
 
