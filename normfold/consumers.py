@@ -60,7 +60,7 @@ def linear_readers(value: ir.Value, model: ir.Model, _depth: int = 0) -> list[Li
 
 
 def _linear(node: ir.Node, model: ir.Model) -> LinearReader:
-    weight = _weight_tensor(node.inputs[1], model)
+    weight = weight_tensor(node.inputs[1], model)
     if isinstance(weight, str):
         raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant: {weight}")
     if node.op_type == "Gemm":
@@ -72,7 +72,7 @@ def _linear(node: ir.Node, model: ir.Model) -> LinearReader:
     return LinearReader(node, weight, 0)
 
 
-def _weight_tensor(value: ir.Value, model: ir.Model) -> ir.TensorProtocol | str:
+def weight_tensor(value: ir.Value, model: ir.Model) -> ir.TensorProtocol | str:
     """The constant weight as a tensor, an initializer's without reading it; else why it is not constant."""
     if value.is_initializer() and is_constant(value, model):
         return value.const_value

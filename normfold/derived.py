@@ -9,10 +9,12 @@ twice for the next tensor (fresh large allocations are what cost most here: firs
 tensor can itself be the source of another one (a recentred embedding, scaled again as a head).
 
 The maps (foldmath's arithmetic, float64, one cast):
-    Recentre(axis):  a - mean_axis(a); along axis 0 the mean is summed over every row first
-                     (one streaming pass), otherwise it is local to each row.
-    Scale(axis, s):  a * s along `axis`.
-Either may `keep` only the first k entries along its axis (the stream stored in d-1 dimensions).
+    Recentre(axis):       a - mean_axis(a); along axis 0 the mean is summed over every row first
+                          (one streaming pass), otherwise it is local to each row.
+    Scale(axis, s):       a * s along `axis`.
+    CrmsReader(axis, g):  A[:d-1] - A[d-1] along `axis`, A = a * g (a CRMSNorm reader, 2-D).
+Recentre and Scale may `keep` only the first k entries along the axis (the stream stored in d-1
+dimensions).
 """
 
 from __future__ import annotations
@@ -166,10 +168,48 @@ def _compute_dtype(factors: np.ndarray, dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64)
 
 
+@dataclass
+class CrmsReader:
+    """A' = A[:d-1] - A[d-1] along `axis`, A = a * gamma along it (float64, d = gamma.size): a linear
+    reader of a CRMSNorm output with the norm's gamma folded in, as foldmath.crms_input_weight. 2-D."""
+
+    axis: int
+    gamma: np.ndarray
+    _last: np.ndarray | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return _kept(shape, self.axis, self.gamma.size - 1)
+
+    def prepare(self, source: ir.TensorProtocol, depth: int) -> None:
+        """Along axis 0, the scaled last row A[d-1], read once."""
+        if self.axis != 0:
+            return
+        with self._lock:
+            if self._last is None:
+                d = self.gamma.size
+                row = read_rows(source, d - 1, d, depth=depth)[0].astype(np.float64)
+                self._last = row * np.float64(self.gamma[d - 1])
+
+    def apply(self, block: np.ndarray, start: int, out: np.ndarray) -> None:
+        scaled = _view(scratch("float64", block.size * 8), np.float64, block.shape)
+        np.copyto(scaled, block, casting="unsafe")
+        gamma = np.asarray(self.gamma, dtype=np.float64)
+        d = gamma.size
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.axis == 0:
+                scaled *= gamma[start : start + block.shape[0], None]
+                np.subtract(scaled, self._last, out=out, casting="unsafe")
+            else:
+                scaled *= gamma
+                np.subtract(scaled[:, : d - 1], scaled[:, d - 1 :], out=out, casting="unsafe")
+
+
 class DerivedTensor(ir.LazyTensor):
     """`mapping` applied to `source`, computed when read or saved, one block of rows at a time."""
 
-    def __init__(self, source: ir.TensorProtocol, mapping: Recentre | Scale, *, name: str | None = None) -> None:
+    def __init__(self, source: ir.TensorProtocol, mapping: Recentre | Scale | CrmsReader, *,
+                 name: str | None = None) -> None:
         source_shape = tuple(source.shape.numpy())
         if not source_shape:
             raise ValueError("a derived tensor needs at least one axis")

@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from normfold import foldmath
+from normfold import derived
 from normfold.constants import constant
-from normfold.consumers import NotLinear, cast_checked, linear_edit
+from normfold.consumers import NotLinear, linear_edit, weight_tensor
+from normfold.derived import CrmsReader, DerivedTensor
 from normfold.detect import NormSite, find_sites
 from normfold.emit import Emitter
 from normfold.recentre import NotFoldable, shape_edit
@@ -130,28 +131,33 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) ->
             touched.append(view.outputs[0])
             if view.op_type in ("Reshape", "Expand"):
                 edits.append(shape_edit(view, -1, width, model))
-        weight = constant(node.inputs[1], model).array
-        if weight is None:
-            raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant")
+        weight = weight_tensor(node.inputs[1], model)
+        if isinstance(weight, str):
+            raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant: {weight}")
         axis = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             raise NotLinear(f"Gemm {node_label(node)} has transA=1")
-        if weight.ndim != 2 or weight.shape[axis] != width:
+        if len(weight.shape) != 2 or weight.shape[axis] != width:
             raise NotLinear(f"{node.op_type} {node_label(node)} does not read the norm's {width} features")
         _reader_fold(node, weight, gamma, beta, axis, model)  # checks it now: nothing is changed if any reader fails
         edits.append(lambda node=node, axis=axis: _reader_fold(
-            node, constant(node.inputs[1], model).array, gamma, beta, axis, model)())
+            node, weight_tensor(node.inputs[1], model), gamma, beta, axis, model)())
     return edits
 
 
-def _reader_fold(node: ir.Node, weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, axis: int, model: ir.Model):
+def _reader_fold(node: ir.Node, weight: ir.TensorProtocol, gamma: np.ndarray, beta: np.ndarray, axis: int,
+                 model: ir.Model):
     """The edit folding (gamma, beta) and the implied last element into a linear reader with `weight`.
 
-    Applied after the writers' edits and computed from the weight then in place: a linear that both reads
-    a norm and writes the stream (its only projection) gets both edits, rows and columns."""
-    new_weight = cast_checked(foldmath.crms_input_weight(weight, gamma, axis=axis), weight.dtype, "weight")
-    w64 = np.asarray(weight, dtype=np.float64)
-    delta = (beta @ w64 if axis == 0 else w64 @ beta) if np.any(beta) else None
+    Applied after the writers' edits and derived from the weight then in place: a linear that both reads
+    a norm and writes the stream (its only projection) gets both edits, rows and columns. The new weight
+    is a DerivedTensor (computed when saved); max|W| and beta W come from one read of W, and
+    |A_i - A_d| <= 2 max|gamma| max|W| bounds the result for the overflow check."""
+    new_weight = DerivedTensor(weight, CrmsReader(axis, gamma))
+    largest, delta = derived.scan_linear(weight, beta if np.any(beta) else None, axis=axis, largest=True)
+    bound = 2 * largest * float(np.abs(gamma).max(initial=0.0))
+    if not bound < float(np.finfo(weight.dtype.numpy()).max) and not np.all(np.isfinite(new_weight.numpy())):
+        raise NotLinear(f"the folded weight overflows {weight.dtype.numpy().name}")
     return linear_edit(node, new_weight, delta, model)
 
 

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from normfold import derived, foldmath
-from normfold.derived import DerivedTensor, Recentre, Scale
+from normfold.derived import CrmsReader, DerivedTensor, Recentre, Scale
 
 SHAPES_AXES = [((300, 7), 1), ((300, 7), 0), ((5, 4, 9), -1), ((5, 4, 9), 1), ((5, 4, 9), 0), ((11,), 0)]
 
@@ -137,3 +137,14 @@ def test_a_truncated_data_file_is_an_error_not_garbage(tmp_path):
         file.truncate(64 + array.nbytes // 2)
     with pytest.raises(ValueError, match="ends before"):
         DerivedTensor(tensor, Recentre(1)).numpy()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_crms_reader_equals_the_float64_form_cast_once(axis, dtype, block_bytes, tmp_path):
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((33, 21)).astype(dtype)
+    gamma = rng.uniform(0.5, 2.0, weight.shape[axis])
+    got = DerivedTensor(on_disk(weight, tmp_path), CrmsReader(axis, gamma)).numpy()
+    expected = foldmath.crms_input_weight(weight, gamma, axis=axis).astype(dtype)
+    assert got.shape == expected.shape and np.array_equal(got, expected)

@@ -22,6 +22,7 @@ from normfold.derived import DerivedTensor
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import big_models  # noqa: E402
+from io_builders import conv_bn_model, save_with_external_data  # noqa: E402
 
 
 @pytest.fixture
@@ -58,10 +59,11 @@ def test_recentred_and_scaled_weights_are_derived_not_held(pre_ln):
     assert in_memory < 4096 * len(new)
 
 
-def test_computed_weights_are_spilled_not_held(pre_ln, monkeypatch):
-    """Weights a pass computes outright (CRMSNorm's readers, W_i - W_d) go to the spill file as made."""
+def test_computed_weights_are_spilled_not_held(tmp_path, monkeypatch):
+    """Weights a pass computes outright (a Conv with a BatchNorm folded in) go to the spill file as made."""
+    source = save_with_external_data(conv_bn_model(channels=256), tmp_path / "conv.onnx")
     monkeypatch.setattr(io, "SPILL_THRESHOLD_BYTES", 4096)
-    model, report = normfold.convert(io.load(pre_ln), ["layernorm-to-crmsnorm"], verify=False)
+    model, report = normfold.convert(io.load(source), ["fold-batchnorm"], verify=False)
     assert report.applied
     new = [v for v in model.graph.initializers.values() if v.name not in report.untouched_initializers]
     big = [v for v in new if v.const_value.nbytes >= 4096 and not isinstance(v.const_value, DerivedTensor)]
