@@ -247,13 +247,13 @@ class _Planner:
         return apply
 
     def _recentred(self, value: ir.Value, axis: int, value_rank: int | None = None) -> np.ndarray | DerivedTensor:
-        """The constant `value` (seen with rank `value_rank`, leading 1s added) recentred along `axis` in its
-        dtype: a DerivedTensor when its width axis is full, else widened to the stream's width now."""
+        """The constant `value` (seen with rank `value_rank`: leading 1s added) recentred along `axis` in
+        its dtype: a DerivedTensor when its width axis is full, else widened to the stream's width now."""
         tensor = value.const_value if value.is_initializer() else None
         if tensor is None or (value_rank is not None and len(tensor.shape) != value_rank):
             array = constant(value, self.model).array
-            rank_ = array.ndim if value_rank is None else value_rank
-            tensor = ir.tensor(array.reshape((1,) * (rank_ - array.ndim) + array.shape))
+            target_rank = array.ndim if value_rank is None else value_rank
+            tensor = ir.tensor(array.reshape((1,) * (target_rank - array.ndim) + array.shape))
         if tensor.shape[axis] == self.width:
             return DerivedTensor(tensor, Recentre(axis, self.width - 1 if self.drop_last else None))
         array = tensor.numpy()
