@@ -33,7 +33,7 @@ import pytest
 
 import normfold
 import transformer_graphs as tg
-from normfold.detect import find_sites
+from normfold.detect import find_sites, inspect
 from normfold.io import from_proto
 from normfold.passes import LayerNormToRMSNorm
 from normfold.verification import compare
@@ -643,6 +643,8 @@ def test_post_ln_on_a_flattened_view_of_unknown_shape_is_refused_as_post_ln(bias
     assert entry.applied == 0 and all("Post-LN" in s.reason for s in entry.skipped), entry.skipped
     assert sorted(s.node.split("/")[0] for s in entry.skipped) == sorted(case.ln_names)
     assert signature(proto) == signature(case.model)
+    placements = {s["name"].split("/")[0]: s["placement"] for s in inspect(from_proto(case.model))}
+    assert placements == dict.fromkeys(case.ln_names, "Post-LN")  # what normfold inspect reports
 
 
 @pytest.mark.xfail(strict=True, reason="BUG (found by the long mode, open): normfold.shapes.rank does not see through "
