@@ -16,7 +16,7 @@ from normfold.constants import constant
 
 _RANK_PRESERVING = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Erf", "Clip", "Elu", "Selu", "HardSigmoid", "HardSwish",
-    "Softplus", "Mish", "Identity", "Cast", "CastLike", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt",
+    "Softplus", "Mish", "Identity", "Cast", "CastLike", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
     "BatchNormalization", "LayerNormalization", "Softmax", "LogSoftmax", "Transpose",
 }
 _REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceSumSquare", "ReduceL2"}

@@ -18,8 +18,7 @@ and the tiny-width case uses +10.
 
 Negative cases: Post-LN (refused, model unchanged), a stream value that is a graph output, a stream
 value also read by a MatMul, LayerNorms on a flattened view of such a value, no final LayerNorm.
-Bugs found here were strict xfails (reason "BUG: ..."); when one XPASSes, drop its marker, and its
-entry in test_layernorm_to_rmsnorm_properties.KNOWN_BUGS.
+Bugs found here were strict xfails (reason "BUG: ..."); when one XPASSes, drop its marker.
 """
 
 from __future__ import annotations
@@ -647,11 +646,6 @@ def test_post_ln_on_a_flattened_view_of_unknown_shape_is_refused_as_post_ln(bias
     assert placements == dict.fromkeys(case.ln_names, "Post-LN")  # what normfold inspect reports
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (found by the long mode, open): normfold.shapes.rank does not see through "
-                   "Reciprocal, so in a Post-LN model of reciprocal-spelled LayerNorms over positive axes whose sums have "
-                   "no inferred shape (opset 13, dynamic axes, Gemm projections) the rank of a sum written by the previous "
-                   "LayerNorm's output is unknown: every later LayerNorm is not found at all, not reported, and the first "
-                   "one's reason does not say Post-LN (fix: 'Reciprocal' in shapes._RANK_PRESERVING)")
 @pytest.mark.parametrize("depth", [1, 2])
 def test_post_ln_reciprocal_layernorms_on_values_of_no_inferred_rank_are_refused_as_post_ln(depth):
     case = tg.build(d=4, depth=depth, heads=1, vocab=2, seq=1, batch=1, mlp_ratio=1, bias=False, proj="gemm",

@@ -42,9 +42,8 @@ The bugs these properties found are filed as strict xfails in test_layernorm_to_
 NeoX LN pairs, BLOOM centring, Post-LN refusal, opset-13 computed Reshapes, stale writer plans, fp32
 affine inside fp16 Casts, reasons naming inserted nodes, Pre-LN refusals called Post-LN, decomposed
 LayerNorms over positive axes on values of no inferred rank (opset 13, dynamic axes), Post-LN on
-a flattened view of unknown shape refused for its Reshape instead of as Post-LN. Open ones are listed in
-KNOWN_BUGS: the properties only check exactness for configs that hit them; remove the
-entry when the bug is fixed.
+a flattened view of unknown shape refused for its Reshape instead of as Post-LN, reciprocal-spelled
+Post-LN LayerNorms on sums of no inferred rank not found (shapes.rank stopped at Reciprocal).
 
 Example counts: 200 fp32 + 60 fp16 + 60 negative examples in CI (about 45 s on 2 cores). Long mode:
 NORMFOLD_LONG=1 runs 10000 examples per property
@@ -54,7 +53,6 @@ A failure prints the falsifying Config (copy it into tg.build) and a @reproduce_
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -78,21 +76,6 @@ FP32_EXAMPLES = examples(200)
 FP16_EXAMPLES = examples(60)
 NEGATIVE_EXAMPLES = examples(60)
 COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-KNOWN_BUGS: dict[str, Callable[[tg.Config], bool]] = {
-    "post-ln-reciprocal-rank": lambda c: (c.post_ln and c.ln_spelling == "reciprocal" and c.positive_axes and c.dynamic
-                                          and c.resolved_opset == 13 and c.proj == "gemm" and not c.flat_ln),
-}
-"""Open normfold bugs the properties step around: name -> whether a config runs into it (each bug has a strict
-xfail in test_layernorm_to_rmsnorm.py); remove an entry once its bug is fixed.
-post-ln-reciprocal-rank: normfold.shapes.rank stops at Reciprocal, so a Post-LN sum of no inferred shape written
-by a reciprocal-spelled LayerNorm has no rank and the positive-axes LayerNorm reading it is not found."""
-
-
-def known_bug(c: tg.Config) -> str | None:
-    """The KNOWN_BUGS entry this config runs into, if any."""
-    return next((name for name, hits in KNOWN_BUGS.items() if hits(c)), None)
-
 
 def unconverted_by_design(c: tg.Config) -> bool:
     """Pre-LN configs where some LayerNorms stay, with an honest reason: LNs reading a flattened view whose
@@ -229,10 +212,8 @@ def check_pre_ln(case: tg.TransformerCase, target: str, data) -> None:
     model, report, proto = convert(case, target)
     entry = report.passes[0]
     left = layernorms_left(model)
-    partial = unconverted_by_design(case.config) or known_bug(case.config) is not None
-    if known_bug(case.config):
-        event(f"known bug {known_bug(case.config)}: exactness only")
-    elif partial:
+    partial = unconverted_by_design(case.config)
+    if partial:
         event("flattened LNs on unknown shapes: may stay LayerNorms")
         assert {s.node.split("/")[0] for s in entry.skipped} == left
         assert entry.applied == case.config.layernorms - len(left)
@@ -271,9 +252,6 @@ def test_observable_stream_values_keep_their_layernorms(config, target, data):
     ids = draw_ids(case, data)
     check_equivalent(case, model, proto, ids, fully_converted=False)
     check_idempotent(proto, target)
-    if known_bug(c):
-        event(f"known bug {known_bug(c)}: exactness only")
-        return
     assert {s.node.split("/")[0] for s in entry.skipped} == left
     assert entry.applied == c.layernorms - len(left)
     if c.post_ln:
