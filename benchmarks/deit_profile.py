@@ -279,9 +279,8 @@ def profile(paths: dict[str, Path], runs: int, threads: int, scratch: Path) -> d
                                        sess_options=session_options(threads, profile_prefix=scratch / f"trace{i}"))
         sessions[label] = (session, make_inputs(session, io.load(path), seed=0))
     log(f"profiling {len(sessions)} variants: 1 warm-up + {runs} interleaved rounds, {threads} threads ...")
-    order = list(sessions.values())
-    for r in range(runs + 1):  # round r starts at variant r mod n: no variant always follows the same one
-        for session, feed in order[r % len(order):] + order[:r % len(order)]:
+    for r in range(runs + 1):
+        for session, feed in rotated(list(sessions.values()), r):
             session.run(None, feed)
     out = {}
     for label, (session, _) in sessions.items():
@@ -302,6 +301,13 @@ def check(original: Path, paths: dict[str, Path]) -> dict[str, str]:
         r = normfold.verify(original, path, tolerance_class="renorm")
         out[label] = f"{'yes' if r.passed else '**NO**'} ({r.max_abs_error:.1g})"
     return out
+
+
+def rotated(items: list, r: int) -> list:
+    """Round r's order: starts at item r mod n, so no item always runs right after the same other one
+    (whose idle thread pool may still be spinning on the cores)."""
+    k = r % len(items)
+    return items[k:] + items[:k]
 
 
 def summarize(per_run: list[dict]) -> dict:
@@ -335,7 +341,8 @@ def latency(paths: dict[str, Path], repeats: int, threads: int) -> dict[str, dic
     log(f"latency: {len(labels)} sessions, 1 warm-up + {repeats} interleaved repetitions ...")
     times = {label: [] for label in labels}
     for rep in range(repeats + 1):
-        for label, (s, feed) in sessions.items():
+        for label in rotated(labels, rep):
+            s, feed = sessions[label]
             start = time.perf_counter()
             s.run(None, feed)
             if rep:
@@ -465,9 +472,9 @@ def time_forms(shape: tuple[int, ...], threads: int, repeats: int) -> dict[str, 
         log(f"emission forms: {len(sessions)} models of {FORM_BLOCKS} blocks at {shape}, {repeats} interleaved runs ...")
         times = {label: [] for label in sessions}
         for rep in range(repeats + 1):
-            for label, session in sessions.items():
+            for label in rotated(list(sessions), rep):
                 start = time.perf_counter()
-                session.run(None, feed)
+                sessions[label].run(None, feed)
                 if rep:
                     times[label].append(time.perf_counter() - start)
     for label, t in times.items():
