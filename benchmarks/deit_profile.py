@@ -19,6 +19,7 @@ the original, the no-norm bound and normfold's conversions.
    scheduling, the profiler itself).
 4. Optionally (--latency-repeats), interleaved end-to-end latency without the profiler (the same
    thread count, plus an A/A second session of the original): the ratio every other benchmark reports.
+   Every session uses onnxruntime's default spinning thread pool unless --no-spin.
 5. Norm emission forms timed alone (--form-repeats): 24 residual blocks (s = x + d; y = norm(s)) at
    the model's stream shape in each spelling normfold could emit (LayerNormalization,
    SimplifiedLayerNormalization, Skip*LayerNormalization with the sum as output 3, opset-23
@@ -195,6 +196,13 @@ def topological(nodes: list, known: set[str]) -> list:
     return ordered
 
 
+SPINNING = True
+"""onnxruntime's default: idle intra-op threads spin before they sleep. --no-spin turns it off
+(session.intra_op.allow_spinning = 0): on a shared machine, spinning threads that lose their core
+to another process make every multi-threaded kernel wait, and the interleaved sessions' spinning
+pools compete with the one that runs."""
+
+
 def session_options(threads: int, *, profile_prefix: Path | None = None, optimized: Path | None = None):
     import onnxruntime as ort
 
@@ -202,6 +210,8 @@ def session_options(threads: int, *, profile_prefix: Path | None = None, optimiz
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not SPINNING:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
@@ -552,7 +562,7 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
          f"Command: `{args.command_line}`", ""]
     L += machine_table(info)
     L.append(f"| load average (1 min) at start / end | {args.load_start} / {ln_bench._load()} |")
-    L.append(f"| intra-op threads | {args.threads} |")
+    L.append(f"| intra-op threads | {args.threads}, idle threads {'spin (onnxruntime default)' if SPINNING else 'sleep (--no-spin)'} |")
     L.append("")
     L.append(f"Model: {ln_bench.MODELS[MODEL]['describe']}. ORT_ENABLE_ALL, CPU provider, "
              f"{base['runs']} profiled interleaved runs per variant after a warm-up round; every figure is a "
@@ -623,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--latency-repeats", type=int, default=0,
                         help="interleaved unprofiled latency repetitions (0: none)")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="idle onnxruntime threads sleep instead of spinning (steadier on a shared machine)")
     parser.add_argument("--form-repeats", type=int, default=40,
                         help="interleaved runs of the emission-form models (0: skip that section)")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL.onnx",
@@ -638,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: a subset of {', '.join(VARIANTS)} that includes 'original'")
     if args.runs < 1 or args.threads < 1 or args.latency_repeats < 0 or args.form_repeats < 0:
         parser.error("--runs and --threads must be at least 1, --latency-repeats at least 0")
+    global SPINNING
+    SPINNING = not args.no_spin
     args.command_line = " ".join(["python", "benchmarks/deit_profile.py", *(sys.argv[1:] if argv is None else argv)])
     args.load_start = ln_bench._load()
     work = args.work_dir.resolve()
