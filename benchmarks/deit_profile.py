@@ -2,13 +2,16 @@
 """Where a DeiT-Tiny-size ViT's norms cost time on onnxruntime CPU: a per-op-type kernel profile of
 the original, the no-norm bound and normfold's conversions.
 
-    python benchmarks/deit_profile.py [--runs 20] [--threads 2] [--latency-repeats 20]
-                                      [--variants original,no-norm,...] [--out benchmarks/results/deit_profile.md]
+    python benchmarks/deit_profile.py [--no-spin] [--runs 20] [--threads 2] [--latency-repeats N]
+                                      [--form-repeats 40] [--variants original,no-norm,...]
+                                      [--extra LABEL=MODEL.onnx] [--out benchmarks/results/deit_profile.md]
 
 1. Builds (or reuses, cached in --work-dir) the model of bench_peers ("deit_tiny": width 192, 12 layers,
    batch 8, 224x224, dynamo export, seed 0) and makes the variants: the no-norm bound (every
-   LayerNormalization's output rewired to its input, as bench_peers makes it) and `normfold convert
-   --no-verify` with the default passes (target ort and onnx) and with layernorm-to-rmsnorm (target ort).
+   LayerNormalization's output rewired to its input, as bench_peers makes it), `normfold convert
+   --no-verify` with the default passes (target ort and onnx) and with layernorm-to-rmsnorm (target
+   ort), and two exact experiments on normfold's outputs (fuse_residual_adds, restore_unit_gamma);
+   every variant but the bound is checked with normfold.verify (fp32 renorm tolerances).
 2. Saves onnxruntime's ORT_ENABLE_ALL graph of each (SessionOptions.optimized_model_filepath) and
    counts its op types: what onnxruntime fused (Gemm from MatMul+Add, Skip*Norm, Gelu, Attention, ...).
 3. Profiles every variant with SessionOptions.enable_profiling, ORT_ENABLE_ALL, `--threads` intra-op
@@ -25,7 +28,9 @@ the original, the no-norm bound and normfold's conversions.
    SimplifiedLayerNormalization, Skip*LayerNormalization with the sum as output 3, opset-23
    RMSNormalization, the decomposed forms), checked against float64 numpy and timed interleaved.
 
-Every figure is from one run on a shared machine: compare rows of one table, not across runs.
+Every figure is from one run on a shared machine: compare rows of one table, not across runs. With
+onnxruntime's default spinning threads, interleaved sessions on a small shared machine slow each other
+(benchmarks/results/deit_profile.md); --no-spin gives the steadier figures.
 """
 
 from __future__ import annotations
@@ -122,19 +127,19 @@ def fuse_residual_adds(src: Path, dst: Path) -> int:
     shapes = shapes_of(model)
     constants = {t.name for t in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
-    dropped, fused = set(), {}
+    dropped, fused = set(), {}  # by id(node): names may be empty
     for norm in model.graph.node:
         add = producer.get(norm.input[0]) if norm.op_type == "SimplifiedLayerNormalization" else None
-        if add is None or add.op_type != "Add" or set(add.input) & constants:
-            continue
+        if add is None or add.op_type != "Add" or id(add) in dropped or set(add.input) & constants:
+            continue  # not a residual sum, or one already fused into another norm
         if shapes.get(add.input[0]) is None or shapes.get(add.input[0]) != shapes.get(add.input[1]):
             continue  # a broadcasting Add: Skip*Norm needs equal shapes
         epsilon = next(a.f for a in norm.attribute if a.name == "epsilon")
-        fused[norm.name] = helper.make_node(
+        fused[id(norm)] = helper.make_node(
             "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
             [norm.output[0], "", "", add.output[0]], name=norm.name, domain="com.microsoft", epsilon=epsilon)
-        dropped.add(add.name)
-    nodes = [fused.get(n.name, n) for n in model.graph.node if n.name not in dropped]
+        dropped.add(id(add))
+    nodes = [fused.get(id(n), n) for n in model.graph.node if id(n) not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(topological(nodes, {i.name for i in model.graph.input} | constants))
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -144,9 +149,9 @@ def fuse_residual_adds(src: Path, dst: Path) -> int:
 
 
 def restore_unit_gamma(src: Path, dst: Path) -> int:
-    """The experiment: each decomposed RMSNorm left without its gamma Mul (Pow, ReduceMean, Add, Sqrt,
-    Div(x, rms)) gets a Mul by ones after its Div, the pattern onnxruntime fuses into
-    SimplifiedLayerNormalization (exact: x * 1 == x). Returns how many."""
+    """The experiment: each float32 decomposed RMSNorm left without its gamma Mul (Pow, ReduceMean,
+    Add, Sqrt, Div(x, rms), the Div read by no Mul) gets a Mul by ones after its Div, the pattern
+    onnxruntime fuses into SimplifiedLayerNormalization (exact: x * 1 == x). Returns how many."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -154,6 +159,7 @@ def restore_unit_gamma(src: Path, dst: Path) -> int:
     model = onnx.load(str(src))
     width = {name: dims[-1] for name, dims in shapes_of(model).items() if dims and isinstance(dims[-1], int)}
     producer = {out: n for n in model.graph.node for out in n.output}
+    multiplied = {i for n in model.graph.node if n.op_type == "Mul" for i in n.input}
     chain = ("Sqrt", "Add", "ReduceMean", "Pow")
 
     def is_rms(div) -> bool:
@@ -167,7 +173,9 @@ def restore_unit_gamma(src: Path, dst: Path) -> int:
     nodes, count = [], 0
     for node in model.graph.node:
         nodes.append(node)
-        if node.op_type != "Div" or not is_rms(node) or not width.get(node.output[0]):
+        if node.op_type != "Div" or node.output[0] in multiplied or not width.get(node.output[0]):
+            continue
+        if not is_rms(node):
             continue
         out, count = node.output[0], count + 1
         ones = f"{out}/unit_gamma"
@@ -233,7 +241,7 @@ def optimized_ops(path: Path, scratch: Path, threads: int) -> collections.Counte
 
 
 def op_name(domain: str, op_type: str) -> str:
-    return op_type if domain in ("", "ai.onnx") else f"{op_type} ({domain.removeprefix('com.microsoft')or 'ms'})"
+    return op_type if domain in ("", "ai.onnx") else f"{op_type} ({domain.removeprefix('com.microsoft') or 'ms'})"
 
 
 # --- profile ---------------------------------------------------------------------------------------
@@ -479,7 +487,8 @@ def time_forms(shape: tuple[int, ...], threads: int, repeats: int) -> dict[str, 
                           "within": bool(np.all(err <= 1e-4 * scale + 1e-4 * np.abs(ref))),
                           "ops": {op: n // FORM_BLOCKS for op, n in ops.items() if n >= FORM_BLOCKS}}
             sessions[label] = session
-        log(f"emission forms: {len(sessions)} models of {FORM_BLOCKS} blocks at {shape}, {repeats} interleaved runs ...")
+        log(f"emission forms: {len(sessions)} models of {FORM_BLOCKS} blocks at {shape}, "
+            f"{repeats} interleaved runs ...")
         times = {label: [] for label in sessions}
         for rep in range(repeats + 1):
             for label in rotated(list(sessions), rep):
@@ -562,7 +571,8 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
          f"Command: `{args.command_line}`", ""]
     L += machine_table(info)
     L.append(f"| load average (1 min) at start / end | {args.load_start} / {ln_bench._load()} |")
-    L.append(f"| intra-op threads | {args.threads}, idle threads {'spin (onnxruntime default)' if SPINNING else 'sleep (--no-spin)'} |")
+    idle = "spin (onnxruntime default)" if SPINNING else "sleep (--no-spin)"
+    L.append(f"| intra-op threads | {args.threads}, idle threads {idle} |")
     L.append("")
     L.append(f"Model: {ln_bench.MODELS[MODEL]['describe']}. ORT_ENABLE_ALL, CPU provider, "
              f"{base['runs']} profiled interleaved runs per variant after a warm-up round; every figure is a "
@@ -571,7 +581,8 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
     L.append("## Totals")
     L.append("")
     L.append("| variant | equivalent (max abs) | run ms (profiled) | kernel ms | outside kernels ms | norm kernels ms "
-             "| kernel ratio | run ratio |" + (" latency ms (no profiler) | latency ratio | p90 ratio |" if lat else ""))
+             "| kernel ratio | run ratio |"
+             + (" latency ms (no profiler) | latency ratio | p90 ratio |" if lat else ""))
     L.append("|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if lat else ""))
     rows = (["original (A/A)"] if lat else []) + labels
     for label in rows:
@@ -582,7 +593,8 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
             continue
         norm = sum(ms for op, ms in s["ops"].items() if op.split(" ")[0] in NORM_OPS)
         equivalent = "reference" if label == "original" else checks.get(label, "a different function")
-        line = (f"| {label} | {equivalent} | {s['run_ms']:.1f} | {s['kernel_ms']:.1f} | {s['outside_ms']:.1f} | {norm:.1f} "
+        line = (f"| {label} | {equivalent} | {s['run_ms']:.1f} | {s['kernel_ms']:.1f} | {s['outside_ms']:.1f} "
+                f"| {norm:.1f} "
                 f"| {s['kernel_ms'] / base['kernel_ms']:.3f} | {s['run_ms'] / base['run_ms']:.3f} |")
         if lt:
             line += f" {lt['median_ms']:.1f} | {lt['ratio']:.3f} | {lt['p90_ratio']:.3f} |"
@@ -628,7 +640,8 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--runs", type=int, default=20, help="profiled interleaved runs per variant")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--latency-repeats", type=int, default=0,

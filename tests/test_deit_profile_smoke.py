@@ -84,6 +84,7 @@ def test_a_unit_gamma_lets_onnxruntime_fuse_the_decomposed_norms(converted, tmp_
     assert deit_profile.restore_unit_gamma(onnx_model, restored) == 5
     after = deit_profile.optimized_ops(restored, tmp_path, 1)
     assert after["SimplifiedLayerNormalization"] == 5 and after["Pow"] == 0
+    assert deit_profile.restore_unit_gamma(restored, tmp_path / "twice.onnx") == 0  # each Div has its Mul now
     result = normfold.verify(src, restored, tolerance_class="renorm")
     assert result.passed, result.summary_lines()
 
