@@ -19,7 +19,9 @@ GPT-2-small-size decoder, sequence 512; all float32, seed 0, built once in a chi
    against itself included (the error floor). An approximate pass reports its drift instead.
 3. Latency on onnxruntime CPU: normfold.bench.benchmark over every variant of one model in one process,
    interleaved repetitions, plus a second session of the original (A/A: the noise floor), once with
-   ORT_ENABLE_ALL and once with ORT_DISABLE_ALL; ratios of medians to the original's.
+   ORT_ENABLE_ALL and once with ORT_DISABLE_ALL; ratios of medians to the original's. Idle onnxruntime
+   threads sleep (normfold.bench's default): spinning threads of the other sessions would take the
+   cores of the one being timed.
 
 Only ratios from the same run mean anything; absolute times are not comparable across machines or runs.
 """
@@ -265,7 +267,8 @@ def render_model(r: dict) -> list[str]:
     L.append(f"Original: {facts['mb']:.1f} MB, {facts['nodes']} nodes ({norms}). Equivalence at the fp32 "
              f"\"{spec['tolerance_class']}\" tolerances; the original against itself (onnxruntime's own "
              f"optimizations only): max abs {aa.get('max_abs_error', float('nan')):.2g}. Latency: "
-             f"{r['repeats']} interleaved repetitions per level after a warm-up.")
+             f"{r['repeats']} interleaved repetitions per level after a warm-up, idle onnxruntime threads "
+             f"sleeping (session.intra_op.allow_spinning=0).")
     L.append("")
     L.append("| variant | made in s | peak MiB | nodes | norm ops left | norms rewritten | MB | equivalence "
              "| ENABLE_ALL median ms | ENABLE_ALL ratio | p90 ratio | DISABLE_ALL median ms | DISABLE_ALL ratio |")

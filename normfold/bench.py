@@ -1,7 +1,11 @@
 """onnxruntime latency and memory of one or more models, measured fairly.
 
 Latency: sessions are created first (timed); then, after warm-up runs, repetitions are interleaved
-across the models (A B C A B C ...) so drift of the machine affects each model alike. Reported per
+across the models (A B C A B C ...) so drift of the machine affects each model alike. By default the
+sessions' idle threads sleep (session.intra_op.allow_spinning=0): with onnxruntime's default spinning,
+the threads of the session that just ran keep spinning while the next one runs and take its cores
+(on 2 cores a DeiT-Tiny run went from about 132 to 160-186 ms, benchmarks/results/deit_profile.md);
+`spin=True` (`--spin`) keeps onnxruntime's default. Reported per
 model: session creation time, median, p90 and min latency, throughput (1 / median, runs per second)
 and the ratio of its median to the first model's (the baseline).
 
@@ -78,6 +82,7 @@ def benchmark(
     seed: int = 0,
     optimize: bool = True,
     memory: bool = False,
+    spin: bool = False,
 ) -> list[BenchResult]:
     """Times every model in `paths` on the same seeded inputs (see module docstring).
 
@@ -99,7 +104,7 @@ def benchmark(
         model = io.load(path)
         start = time.perf_counter()
         session, model_choice = runtime.open_session(path, provider=choice, optimize=optimize,
-                                                     allow_fallback=allow_fallback)
+                                                     allow_fallback=allow_fallback, spin=spin)
         created.append(time.perf_counter() - start)
         sessions.append(session)
         used.append(model_choice)
@@ -134,7 +139,7 @@ def benchmark(
         ))
         if memory:
             results[-1].memory_mb, results[-1].peak_rss_mb = measure_memory(
-                path, used[i], feeds[i], optimize=optimize, runs=warmup + 1)
+                path, used[i], feeds[i], optimize=optimize, runs=warmup + 1, spin=spin)
     return results
 
 
@@ -162,14 +167,15 @@ def batch_shapes(session, model, shapes: Mapping[str, list[int]] | None, batch: 
     return result
 
 
-def measure_memory(path, choice: runtime.ProviderChoice, feeds, *, optimize: bool, runs: int):
+def measure_memory(path, choice: runtime.ProviderChoice, feeds, *, optimize: bool, runs: int,
+                   spin: bool = False):
     """(memory_mb, peak_rss_mb) of one model's session, measured in a fresh child process.
 
     The child imports only onnxruntime and numpy (not normfold), reads its job from stdin and prints
     RSS before session creation and peak RSS, in bytes, as JSON (see module docstring).
     """
     job = {"path": str(path), "providers": choice.session_providers(), "optimize": optimize,
-           "runs": max(1, runs), "feeds": feeds}
+           "runs": max(1, runs), "feeds": feeds, "spin": spin}
     try:
         done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], input=pickle.dumps(job), capture_output=True,
                               check=False)
@@ -218,6 +224,8 @@ options = ort.SessionOptions()
 level = ort.GraphOptimizationLevel
 options.graph_optimization_level = level.ORT_ENABLE_ALL if job["optimize"] else level.ORT_DISABLE_ALL
 options.log_severity_level = 3
+if not job["spin"]:
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 session = ort.InferenceSession(job["path"], sess_options=options, providers=job["providers"], enable_fallback=0)
 for _ in range(job["runs"]):
     session.run(None, job["feeds"])
@@ -239,13 +247,15 @@ def table(results: list[BenchResult]) -> list[str]:
     return lines
 
 
-def document(results: list[BenchResult], choice: runtime.ProviderChoice, *, seed: int, memory: bool) -> dict:
+def document(results: list[BenchResult], choice: runtime.ProviderChoice, *, seed: int, memory: bool,
+             spin: bool = False) -> dict:
     """The `--json` document (schema normfold.bench/1, see README)."""
     return {
         "schema": SCHEMA,
         "onnxruntime_version": runtime.onnxruntime().__version__,
         "provider": choice.to_dict(),
         "seed": seed,
+        "intra_op_spinning": spin,
         "baseline": results[0].model if results else None,
         "memory_method": MEMORY_METHOD if memory else None,
         "models": [r.to_dict() for r in results],

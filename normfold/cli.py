@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement (a child process per model)")
+    bench.add_argument("--spin", action="store_true",
+                       help="keep onnxruntime's spinning idle threads (default: they sleep, so interleaved "
+                            "sessions do not take each other's cores)")
     bench.add_argument("--json", action="store_true", help="machine-readable output (schema normfold.bench/1)")
     bench.add_argument("--plot", type=Path, metavar="FILE.png",
                        help="write a bar chart of median latency with p90 whiskers (needs matplotlib)")
@@ -426,11 +429,12 @@ def cmd_bench(args) -> int:
     memory = not args.no_memory
     results = bench.benchmark(args.models, provider=choice, allow_fallback=args.allow_fallback, repeats=args.repeats,
                               warmup=args.warmup, shapes=_parse_shapes(args.shape), batch=args.batch, seed=args.seed,
-                              memory=memory)
+                              memory=memory, spin=args.spin)
     if args.plot:
         bench.plot(results, args.plot)
     if args.json:
-        print(json.dumps(strict_json(bench.document(results, choice, seed=args.seed, memory=memory)), indent=2))
+        document = bench.document(results, choice, seed=args.seed, memory=memory, spin=args.spin)
+        print(json.dumps(strict_json(document), indent=2))
         return 0
     print("\n".join(bench.table(results)))
     if args.plot:

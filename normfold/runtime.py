@@ -212,18 +212,25 @@ def check_options(provider: str, options: Mapping[str, str], *, picked_by_auto: 
             raise InputError(f"provider option {key}: {problem}{picked}")
 
 
+SPINNING_KEY = "session.intra_op.allow_spinning"
+
+
 def make_session(model_file: str | os.PathLike, *, provider: str | ProviderChoice = "cpu", optimize: bool = True,
                  threads: int = 0, provider_options: Mapping[str, object] | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, spin: bool = True):
     """An InferenceSession on `model_file`; graph optimizations fully on, or fully off for a reference."""
     return open_session(model_file, provider=provider, optimize=optimize, threads=threads,
-                        provider_options=provider_options, allow_fallback=allow_fallback)[0]
+                        provider_options=provider_options, allow_fallback=allow_fallback, spin=spin)[0]
 
 
 def open_session(model_file: str | os.PathLike, *, provider: str | ProviderChoice = "cpu", optimize: bool = True,
                  threads: int = 0, provider_options: Mapping[str, object] | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, spin: bool = True):
     """(session, ProviderChoice): the session and the provider that really runs it.
+
+    `spin=False` makes the session's idle intra-op threads sleep instead of spinning
+    (session.intra_op.allow_spinning=0): for timing several sessions interleaved, where one session's
+    spinning threads would take the cores from the next.
 
     A provider onnxruntime lists but cannot start (missing CUDA, cuDNN or TensorRT libraries, a bad
     option) is an error, or with `allow_fallback` a warned fallback down AUTO_ORDER; `auto` always walks
@@ -238,6 +245,8 @@ def open_session(model_file: str | os.PathLike, *, provider: str | ProviderChoic
     )
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry(SPINNING_KEY, "0")
     while True:
         try:
             session = ort.InferenceSession(str(model_file), sess_options=options,

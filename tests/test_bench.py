@@ -146,12 +146,35 @@ def test_cli_json_schema(small, capsys):
     assert data["provider"] == {"requested": "cpu", "used": "cpu", "onnxruntime": "CPUExecutionProvider",
                                 "options": {}, "fallback": None}
     assert data["onnxruntime_version"] == ort.__version__ and "child process" in data["memory_method"]
+    assert data["intra_op_spinning"] is False
     first, second = data["models"]
     assert first["ratio"] == 1.0 and first["repeats"] == 3 and first["warmup"] == 1
     assert second["ratio"] == pytest.approx(second["median_ms"] / first["median_ms"])
     assert first["memory_mb"] >= 0 and first["peak_rss_mb"] > first["memory_mb"]
     assert set(first) == {"model", "provider", "session_seconds", "median_ms", "p90_ms", "runs_per_second", "repeats",
                           "min_ms", "warmup", "ratio", "memory_mb", "peak_rss_mb", "input_shapes"}
+
+
+@pytest.mark.parametrize("argv,spinning", [([], "0"), (["--spin"], None)])
+def test_idle_threads_sleep_unless_spin_is_asked(small, monkeypatch, argv, spinning, capsys):
+    """Interleaved sessions must not take each other's cores: by default their idle threads sleep
+    (session.intra_op.allow_spinning=0); --spin keeps onnxruntime's default (the entry is not set)."""
+    seen = []
+    real_open = runtime.open_session
+
+    def recording_open(path, **kwargs):
+        session, choice = real_open(path, **kwargs)
+        try:
+            seen.append(session.get_session_options().get_session_config_entry(runtime.SPINNING_KEY))
+        except RuntimeError:  # onnxruntime: "does not have configuration with key"
+            seen.append(None)
+        return session, choice
+
+    monkeypatch.setattr(runtime, "open_session", recording_open)
+    assert main(["bench", *map(str, small), "--repeats", "1", "--warmup", "0", "--batch", "1", "--no-memory",
+                 "--json", *argv]) == 0
+    assert seen == [spinning, spinning]
+    assert json.loads(capsys.readouterr().out)["intra_op_spinning"] is (spinning is None)
 
 
 def test_cli_table_and_plot(small, tmp_path, capsys):
