@@ -5,7 +5,9 @@ width-preserving views, normfold.consumers):
     z = (n * gamma + beta) W + b = n (diag(gamma) W) + (beta W + b)
 so W' = diag(gamma) W (row i of W scaled by gamma_i) and b' = b + beta W (a new Add when the MatMul
 had no bias; Gemm's C' = beta_g C + alpha beta op(B), beta_g = 1). The norm then keeps no affine:
-a fused op gets gamma = 1 and no beta, a decomposed one loses its Mul and Add.
+gamma becomes 1 and beta goes. A decomposed norm keeps its Mul, by ones (x * 1 == x): onnxruntime fuses
+the decomposed spelling into its norm kernel only with that Mul, and runs the five loose ops about 2.7x
+slower (benchmarks/results/deit_profile.md); its Add goes.
 
 Refused, with the reason: a reader that is not such a linear map (the residual Add of a Post-LN
 model, an activation, a graph output), a non-constant gamma or beta, or a Skip*Norm. New weights are
@@ -98,17 +100,20 @@ def _fits(scaled: DerivedTensor, largest: float | None, largest_gamma: float) ->
 
 
 def _drop_affine(site: NormSite, model: ir.Model) -> None:
-    """Removes gamma and beta from the norm itself (they now live in its readers)."""
+    """Removes gamma and beta from the norm itself (they now live in its readers): gamma becomes ones
+    (the Mul of a decomposed norm stays: onnxruntime fuses a decomposed norm into its own kernel only
+    with it, benchmarks/results/deit_profile.md), beta goes (its Add, or a fused op's input)."""
     fused_op = site.nodes[0] if site.fused else None
     for value in (site.beta, site.gamma):
         if value is None:
             continue
         owner = next(n for n in site.nodes if value in n.inputs)
-        if owner is not fused_op:
-            bypass(owner, owner.inputs[1] if owner.inputs[0] is value else owner.inputs[0])
-        elif value is site.gamma:
+        if value is site.gamma:
             ones = np.ones_like(constant(value, model).array)
-            owner.replace_input_with(1, add_initializer(owner.graph, f"{value.name}_ones", ones, model))
+            owner.replace_input_with(list(owner.inputs).index(value),
+                                     add_initializer(owner.graph, f"{value.name}_ones", ones, model))
+        elif owner is not fused_op:
+            bypass(owner, owner.inputs[1] if owner.inputs[0] is value else owner.inputs[0])
         else:
             owner.replace_input_with(2, None)
             owner.resize_inputs(2)
