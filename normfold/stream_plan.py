@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from normfold import recentre
-from normfold.constants import constant
+from normfold.constants import is_constant
 from normfold.detect import NormSite
 from normfold.emit import Emitter
 from normfold.recentre import NotFoldable
@@ -137,7 +137,7 @@ def _plan_writers(stream: Stream, model: ir.Model, drop_last: bool) -> StreamPla
     writes = [(leaf, None) for leaf in stream.leaves] + [(node.inputs[i], (node, i)) for node, i in stream.external]
     for value, use in writes:
         try:
-            if use is not None and constant(value, model).array is None:
+            if use is not None and not is_constant(value, model):
                 reader = next(n for n, _ in value.uses() if n is not use[0])
                 raise NotFoldable(f"{value.name!r} is also read by {node_label(reader)}")
             plan.edits += recentre.plan(value, model, use, drop_last=drop_last, touched=plan.touched, width=width)
