@@ -1,7 +1,8 @@
 """onnxruntime latency and memory of one or more models, measured fairly.
 
 Latency: sessions are created first (timed); then, after warm-up runs, repetitions are interleaved
-across the models (A B C A B C ...) so drift of the machine affects each model alike. By default the
+across the models, the order rotated each round (A B C, B C A, C A B, ...), so drift of the machine and
+the cost of running first or after a given model fall on each model alike. By default the
 sessions' idle threads sleep (session.intra_op.allow_spinning=0): with onnxruntime's default spinning,
 the threads of the session that just ran keep spinning while the next one runs and take its cores
 (on 2 cores a DeiT-Tiny run went from about 132 to 160-186 ms, benchmarks/results/deit_profile.md);
@@ -114,10 +115,10 @@ def benchmark(
         for _ in range(warmup):
             session.run(None, feed)
     times = [[] for _ in sessions]
-    for _ in range(repeats):
-        for i, (session, feed) in enumerate(zip(sessions, feeds)):
+    for round_ in range(repeats):
+        for i in rotated(len(sessions), round_):
             start = time.perf_counter()
-            session.run(None, feed)
+            sessions[i].run(None, feeds[i])
             times[i].append(time.perf_counter() - start)
     del sessions
     base = float(np.median(times[0]))
@@ -141,6 +142,12 @@ def benchmark(
             results[-1].memory_mb, results[-1].peak_rss_mb = measure_memory(
                 path, used[i], feeds[i], optimize=optimize, runs=warmup + 1, spin=spin)
     return results
+
+
+def rotated(count: int, round_: int) -> list[int]:
+    """The order of the models in one round: the interleaving rotated by one model per round, so each
+    model runs in every position (first, after each other model) equally often over `count` rounds."""
+    return [(round_ + i) % count for i in range(count)]
 
 
 def batch_shapes(session, model, shapes: Mapping[str, list[int]] | None, batch: int | None) -> dict[str, list[int]]:

@@ -53,6 +53,12 @@ def test_results_and_ratios_to_the_first_model(small):
     assert lines[1].split()[0] == "small0.onnx" and lines[1].split()[5] == "1.000"
 
 
+def test_rotation_puts_every_model_in_every_position():
+    rounds = [bench.rotated(3, r) for r in range(3)]
+    assert rounds == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    assert all(sorted(r[k] for r in rounds) == [0, 1, 2] for k in range(3))
+
+
 def test_warmup_then_repetitions_interleaved_across_models(small, monkeypatch):
     calls = []
     real_open = runtime.open_session
@@ -75,7 +81,7 @@ def test_warmup_then_repetitions_interleaved_across_models(small, monkeypatch):
     monkeypatch.setattr(runtime, "open_session", recording_open)
     bench.benchmark(small, repeats=3, warmup=2, batch=1)
     a, b = (p.name for p in small)
-    assert calls == [a, a, b, b] + [a, b] * 3
+    assert calls == [a, a, b, b] + [a, b] + [b, a] + [a, b]  # warm-up, then rounds in rotated order
 
 
 def test_batch_fills_dynamic_first_dims_and_shape_wins(small, tmp_path):
