@@ -131,6 +131,12 @@ def _matmul_edit(node: ir.Node, new_weight, dtype, delta, model):
     return apply
 
 
+def has_bias_slot(node: ir.Node, features: int, model: ir.Model) -> bool:
+    """Whether a constant added to the MatMul/Gemm's output can go into a bias it already has (Gemm's C,
+    present or not, or a constant bias Add after a MatMul) rather than a new Add."""
+    return node.op_type == "Gemm" or _following_bias(node, model, features)[0] is not None
+
+
 def _following_bias(node: ir.Node, model: ir.Model, features: int):
     """(Add, index, bias) when the MatMul's only reader adds a constant bias over its output features."""
     out = node.outputs[0]

@@ -10,7 +10,8 @@ the decomposed spelling into its norm kernel only with that Mul, and runs the fi
 slower (benchmarks/results/deit_profile.md); its Add goes.
 
 Refused, with the reason: a reader that is not such a linear map (the residual Add of a Post-LN
-model, an activation, a graph output), a non-constant gamma or beta, or a Skip*Norm. New weights are
+model, an activation, a graph output), a non-constant gamma or beta, a Skip*Norm, or a beta that
+would need a new Add wider than the norm (a bias-less LM head: slower, not faster). New weights are
 new initializers, so a weight tied to another use (ln_f -> tied unembedding) is untied, not changed.
 """
 
@@ -21,9 +22,10 @@ import onnx_ir as ir
 
 from normfold import derived
 from normfold.constants import constant
-from normfold.consumers import LinearReader, NotLinear, linear_edit, linear_readers
+from normfold.consumers import LinearReader, NotLinear, has_bias_slot, linear_edit, linear_readers
 from normfold.derived import DerivedTensor, Scale
 from normfold.detect import NormSite, find_sites
+from normfold.report import node_label
 from normfold.rewrite import NormPass, add_initializer, bypass
 
 
@@ -43,7 +45,10 @@ class FoldNormAffine(NormPass):
                 affine = _affine(site, model)
                 if affine is None:
                     continue  # nothing left to fold: gamma is 1 and beta 0 (or absent)
-                plans = [_fold_plan(reader, *affine, model) for reader in linear_readers(site.y, model)]
+                readers = linear_readers(site.y, model)
+                if affine[1] is not None and np.any(affine[1]):
+                    _check_beta_is_worth_folding(readers, affine[1].size, model)
+                plans = [_fold_plan(reader, *affine, model) for reader in readers]
             except NotLinear as exc:
                 self.skip(site.nodes[0], str(exc))
                 continue
@@ -71,6 +76,19 @@ def _affine(site: NormSite, model: ir.Model) -> tuple[np.ndarray, np.ndarray | N
         return None
     width = gamma.size if gamma is not None else beta.size
     return (gamma if gamma is not None else np.ones(width)), beta
+
+
+def _check_beta_is_worth_folding(readers: list[LinearReader], width: int, model: ir.Model) -> None:
+    """NotLinear when folding beta would cost more than it saves: a MatMul reader with no bias to take
+    beta W needs a new Add over its output features, and one wider than the norm (an LM head: 50257
+    logits a token against a beta Add over 768) makes the model slower (GPT-2-small +2.5%,
+    benchmarks/results/peers_runtime.md); the norm then keeps its affine (and a tied head stays tied)."""
+    for reader in readers:
+        features = reader.weight.shape[1 - reader.weight_axis]
+        if reader.node.op_type == "MatMul" and features > width and not has_bias_slot(reader.node, features, model):
+            raise NotLinear(f"folding beta into MatMul {node_label(reader.node)}, which has no bias, would add an Add "
+                            f"over its {features} outputs, more work than the norm's own beta over {width}; "
+                            "the affine stays on the norm")
 
 
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):
