@@ -49,7 +49,7 @@ class FoldNormAffine(NormPass):
                 if affine[1] is not None and np.any(affine[1]):
                     _check_beta_is_worth_folding(readers, affine[1].size, model)
                 plans = [_fold_plan(reader, *affine, model) for reader in readers]
-            except NotLinear as exc:
+            except (NotLinear, NotWorthFolding) as exc:
                 self.skip(site.nodes[0], str(exc))
                 continue
             for apply in plans:
@@ -78,17 +78,21 @@ def _affine(site: NormSite, model: ir.Model) -> tuple[np.ndarray, np.ndarray | N
     return (gamma if gamma is not None else np.ones(width)), beta
 
 
+class NotWorthFolding(Exception):
+    """Folding would make the model slower; the message says why."""
+
+
 def _check_beta_is_worth_folding(readers: list[LinearReader], width: int, model: ir.Model) -> None:
-    """NotLinear when folding beta would cost more than it saves: a MatMul reader with no bias to take
+    """NotWorthFolding when folding beta would cost more than it saves: a MatMul reader with no bias to take
     beta W needs a new Add over its output features, and one wider than the norm (an LM head: 50257
     logits a token against a beta Add over 768) makes the model slower (GPT-2-small +2.5%,
     benchmarks/results/peers_runtime.md); the norm then keeps its affine (and a tied head stays tied)."""
     for reader in readers:
         features = reader.weight.shape[1 - reader.weight_axis]
         if reader.node.op_type == "MatMul" and features > width and not has_bias_slot(reader.node, features, model):
-            raise NotLinear(f"folding beta into MatMul {node_label(reader.node)}, which has no bias, would add an Add "
-                            f"over its {features} outputs, more work than the norm's own beta over {width}; "
-                            "the affine stays on the norm")
+            raise NotWorthFolding(f"folding beta into MatMul {node_label(reader.node)}, which has no bias, would add "
+                                  f"an Add over its {features} outputs, more work than the norm's own beta over "
+                                  f"{width}; the affine stays on the norm")
 
 
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):
