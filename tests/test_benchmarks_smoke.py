@@ -62,7 +62,9 @@ def test_conversion_runs_on_a_tiny_model(tmp_path):
     results = {label: bench_conversion.measure(argv, out) for label, argv in runs.items()}
     for label in bench_conversion.SCALING_RUNS:
         assert results[label]["wall_s"] > 0 and results[label]["rss_mib"] > 0, label
-    assert results["normfold convert --no-verify"]["rewritten"]["applied"] == 10  # 5 norms, 5 affines folded
+    # 5 norms to RMSNorm, 4 affines folded: the final norm keeps its beta (its bias-less 100-logit head is
+    # wider than the norm, so folding beta would add an Add over the logits)
+    assert results["normfold convert --no-verify"]["rewritten"]["applied"] == 9
     assert "error" in results["peer: onnxoptimizer"]  # a 20 MiB memory cap: recorded as a failure
     assert list(out.iterdir()) == []  # every run's output removed
     r = {"mb": 1, "bytes": bench_conversion.model_bytes(src), "runs": results}
