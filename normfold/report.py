@@ -17,7 +17,10 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
+
+from normfold import derived
 
 SCHEMA = "normfold.report/1"
 
@@ -101,21 +104,11 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-HASH_CHUNK_BYTES = 16 * 2**20
-
-
 def tensor_sha256(tensor: ir.TensorProtocol) -> str:
-    """sha256 of a tensor's raw bytes; external data is read from its file in chunks, never whole."""
-    if not isinstance(tensor, ir.ExternalTensor):
+    """sha256 of a tensor's raw bytes; external data is read from its file a block at a time, never whole."""
+    if not derived.is_plain_file_tensor(tensor):
         return hashlib.sha256(tensor.tobytes()).hexdigest()
     digest = hashlib.sha256()
-    remaining = tensor.length if tensor.length is not None else tensor.nbytes
-    with open(tensor.path, "rb") as file:
-        file.seek(tensor.offset or 0)
-        while remaining > 0:
-            chunk = file.read(min(remaining, HASH_CHUNK_BYTES))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
+    for _, block in derived.blocks(tensor):
+        digest.update(block.reshape(-1).view(np.uint8))
     return digest.hexdigest()
