@@ -51,7 +51,7 @@ def linear_readers(value: ir.Value, model: ir.Model, _depth: int = 0) -> list[Li
         if node.domain not in ("", "ai.onnx"):
             raise NotLinear(f"it is read by {node.domain}.{node.op_type} {node_label(node)}")
         if node.op_type in ("MatMul", "Gemm") and index == 0:
-            readers.append(_linear(node, model))
+            readers.append(linear_reader(node, model))
         elif _depth < MAX_VIEW_DEPTH and keeps_width(node, index, model) and len(node.outputs) >= 1:
             readers += linear_readers(node.outputs[0], model, _depth + 1)
         else:
@@ -59,7 +59,9 @@ def linear_readers(value: ir.Value, model: ir.Model, _depth: int = 0) -> list[Li
     return readers
 
 
-def _linear(node: ir.Node, model: ir.Model) -> LinearReader:
+def linear_reader(node: ir.Node, model: ir.Model) -> LinearReader:
+    """The MatMul/Gemm `node` as a reader of its data input, or NotLinear (weight not constant, transA,
+    a MatMul weight not 2-D)."""
     weight = weight_tensor(node.inputs[1], model)
     if isinstance(weight, str):
         raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant: {weight}")

@@ -56,7 +56,7 @@ def read_rows(tensor: ir.TensorProtocol, start: int, stop: int, *, depth: int = 
         out = _view(scratch(f"out{depth}", int(np.prod(out_shape)) * dtype.itemsize), dtype, out_shape)
         tensor.map_rows(start, stop, out, depth=depth + 1)
         return out
-    if _is_plain_file_tensor(tensor):
+    if is_plain_file_tensor(tensor):
         row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         out = _view(scratch(f"in{depth}", (stop - start) * row_bytes), dtype, out_shape)
         with open(tensor.path, "rb", buffering=0) as file:
@@ -245,7 +245,14 @@ class DerivedTensor(ir.LazyTensor):
             file.write(_bytes(out))
 
 
-def _is_plain_file_tensor(tensor: ir.TensorProtocol) -> bool:
+def stays_finite(tensor: DerivedTensor, bound: float) -> bool:
+    """Whether the derived values fit their dtype: `bound`, an upper bound on their magnitude (NaN when
+    unknown), settles it when below the dtype's largest value; otherwise they are computed and checked."""
+    return bound < float(np.finfo(tensor.dtype.numpy()).max) or bool(np.all(np.isfinite(tensor.numpy())))
+
+
+def is_plain_file_tensor(tensor: ir.TensorProtocol) -> bool:
+    """An external tensor whose rows can be read straight from its file (whole bytes, at least one axis)."""
     return isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and len(tensor.shape) >= 1
 
 

@@ -107,18 +107,10 @@ def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None,
     shift = beta if beta is not None and np.any(beta) else None
     largest, delta = derived.scan_linear(weight, shift, axis=axis, largest=not largest_gamma <= 1.0)  # NaN too
     scaled = DerivedTensor(weight, Scale(axis, gamma))
-    if not _fits(scaled, largest, largest_gamma):
+    # max|gamma| <= 1 cannot overflow (largest is None, not read); else the bound max|W| max|gamma|
+    if largest is not None and not derived.stays_finite(scaled, largest * largest_gamma):
         raise NotLinear(f"the folded weight overflows {reader.dtype.name}")
     return linear_edit(node, scaled, delta, model)
-
-
-def _fits(scaled: DerivedTensor, largest: float | None, largest_gamma: float) -> bool:
-    """True when diag(gamma) W stays finite in the weight's dtype: certain when max|gamma| <= 1 (then
-    `largest`, max|W|, is not needed), else the bound max|W| max|gamma| when it settles it, else the
-    exact product."""
-    if largest is None or largest * largest_gamma < float(np.finfo(scaled.dtype.numpy()).max):
-        return True
-    return bool(np.all(np.isfinite(scaled.numpy())))
 
 
 def _drop_affine(site: NormSite, model: ir.Model) -> None:

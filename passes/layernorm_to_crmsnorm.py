@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from normfold import derived
 from normfold.constants import constant
-from normfold.consumers import NotLinear, linear_edit, weight_tensor
+from normfold.consumers import NotLinear, linear_edit, linear_reader, weight_tensor
 from normfold.derived import CrmsReader, DerivedTensor
 from normfold.detect import NormSite, find_sites
 from normfold.emit import Emitter
@@ -131,12 +131,8 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) ->
             touched.append(view.outputs[0])
             if view.op_type in ("Reshape", "Expand"):
                 edits.append(shape_edit(view, -1, width, model))
-        weight = weight_tensor(node.inputs[1], model)
-        if isinstance(weight, str):
-            raise NotLinear(f"the weight of {node.op_type} {node_label(node)} is not constant: {weight}")
-        axis = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-            raise NotLinear(f"Gemm {node_label(node)} has transA=1")
+        reader = linear_reader(node, model)
+        weight, axis = reader.weight, reader.weight_axis
         if len(weight.shape) != 2 or weight.shape[axis] != width:
             raise NotLinear(f"{node.op_type} {node_label(node)} does not read the norm's {width} features")
         _reader_fold(node, weight, gamma, beta, axis, model)  # checks it now: nothing is changed if any reader fails
@@ -155,8 +151,7 @@ def _reader_fold(node: ir.Node, weight: ir.TensorProtocol, gamma: np.ndarray, be
     |A_i - A_d| <= 2 max|gamma| max|W| bounds the result for the overflow check."""
     new_weight = DerivedTensor(weight, CrmsReader(axis, gamma))
     largest, delta = derived.scan_linear(weight, beta if np.any(beta) else None, axis=axis, largest=True)
-    bound = 2 * largest * float(np.abs(gamma).max(initial=0.0))
-    if not bound < float(np.finfo(weight.dtype.numpy()).max) and not np.all(np.isfinite(new_weight.numpy())):
+    if not derived.stays_finite(new_weight, 2 * largest * float(np.abs(gamma).max(initial=0.0))):
         raise NotLinear(f"the folded weight overflows {weight.dtype.numpy().name}")
     return linear_edit(node, new_weight, delta, model)
 
