@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from normfold import direct_write
+
 BLOCK_BYTES = 8 * 2**20
 """Bytes of source rows read, mapped and written at a time."""
 
@@ -78,6 +80,11 @@ def blocks(tensor: ir.TensorProtocol):
     shape = tuple(tensor.shape.numpy())
     for start, stop in row_blocks(shape[0], block_rows(shape, tensor.dtype.numpy().itemsize)):
         yield start, read_rows(tensor, start, stop)
+
+
+def byte_blocks(tensor: ir.TensorProtocol):
+    """The bytes of `tensor`, a file-backed or derived tensor, one block of rows at a time."""
+    return (_bytes(block) for _, block in blocks(tensor))
 
 
 def scan_linear(weight: ir.TensorProtocol, shift: np.ndarray | None, *, axis: int,
@@ -236,13 +243,8 @@ class DerivedTensor(ir.LazyTensor):
         return row_blocks(shape[0], block_rows(shape, self.dtype.numpy().itemsize))
 
     def tofile(self, file) -> None:
-        """Streams the result to `file` one block at a time through a reused buffer."""
-        dtype, shape = self.dtype.numpy(), tuple(self.shape.numpy())
-        for start, stop in self._blocks():
-            block_shape = (stop - start, *shape[1:])
-            out = _view(scratch("write", int(np.prod(block_shape)) * dtype.itemsize), dtype, block_shape)
-            self.map_rows(start, stop, out)
-            file.write(_bytes(out))
+        """Streams the result to `file` one block at a time through a reused buffer (normfold.direct_write)."""
+        direct_write.write(file, byte_blocks(self), self.nbytes)
 
 
 def stays_finite(tensor: DerivedTensor, bound: float) -> bool:

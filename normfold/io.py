@@ -3,7 +3,7 @@
 - `load` reads the protobuf without its external data; onnx-ir memory-maps external tensors lazily,
   so a model over 2 GB loads in little memory. External initializers are read from their file on
   each use (`StreamedExternalTensor`, no memory map kept), so memory holds only the arrays a pass is
-  working on, and save copies untouched tensors file to file (copy_file_range) without reading them.
+  working on, and save streams untouched tensors from file to file through a reused buffer.
 - Weights a pass recentres or scales are normfold.derived.DerivedTensors of the loaded ones: computed
   when saved, one block of rows at a time through reused buffers. Weights a pass computes outright, in
   a model that has external data, are spilled (`new_tensor`): each array of at least
@@ -16,7 +16,8 @@
   attributes, subgraphs, model-local functions): its location must be relative, without `..`, and
   resolve (symlinks followed) inside the model's directory; the file must exist, be a regular file
   with a single hard link, and hold exactly the bytes the tensor's shape needs at offset + length.
-- `save` writes atomically: everything goes to a temporary directory beside the destination and is
+- `save` writes big tensors around the page cache where it can (normfold.direct_write; offsets aligned
+  to its page) and writes atomically: everything goes to a temporary directory beside the destination and is
   renamed into place only once complete (an existing destination, with --force, is moved aside first
   and put back if anything fails), so a failure leaves no partial file. It never writes over the
   model's own source files (recorded at load time, compared by resolved path and by inode) and
@@ -43,8 +44,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from normfold import __version__
-from normfold.derived import DerivedTensor
+from normfold import __version__, direct_write
+from normfold.derived import DerivedTensor, byte_blocks, is_plain_file_tensor
 from normfold.errors import InputError, UnsafePathError
 from normfold.validate import iter_tensor_protos, validate_model, validate_proto
 
@@ -154,7 +155,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, force: bool = False) -> Pa
         with _attribute_tensors_in_memory(model):
             if use_external:
                 ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
-                        max_workers=SAVE_WORKERS)
+                        max_workers=SAVE_WORKERS, alignment=direct_write.ALIGN)
             else:
                 ir.save(model, tmp_model)
         written = [p for p in destinations if (tmp_dir / p.name).exists()]
@@ -213,6 +214,13 @@ class StreamedExternalTensor(ir.ExternalTensor):
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self.numpy()
         return array if dtype is None else array.astype(dtype)
+
+    def tofile(self, file) -> None:
+        """Streams the bytes from this tensor's file to `file` through a reused buffer (normfold.direct_write)."""
+        if not is_plain_file_tensor(self):
+            super().tofile(file)
+            return
+        direct_write.write(file, byte_blocks(self), self.nbytes)
 
     def tobytes(self) -> bytes:
         data = super().tobytes()
