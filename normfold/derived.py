@@ -19,7 +19,9 @@ dimensions).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -31,15 +33,21 @@ from normfold import direct_write
 BLOCK_BYTES = 8 * 2**20
 """Bytes of source rows read, mapped and written at a time."""
 
+SCAN_WORKERS = min(4, os.cpu_count() or 1)
+"""Threads reading a weight's blocks in `scan_linear`."""
+
 _scratch = threading.local()
+_SCAN_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_SCAN_POOL_LOCK = threading.Lock()
 
 
 def scratch(key: str, nbytes: int) -> np.ndarray:
-    """A per-thread reusable byte buffer of at least `nbytes` for `key` (grown, never shrunk)."""
+    """A per-thread reusable byte buffer of at least `nbytes` for `key` (grown, never shrunk), aligned for
+    a direct write."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get(key)
     if buffer is None or buffer.nbytes < nbytes:
-        buffer = buffers[key] = np.empty(max(nbytes, BLOCK_BYTES), dtype=np.uint8)
+        buffer = buffers[key] = direct_write.aligned_buffer(max(nbytes, BLOCK_BYTES))
     return buffer[:nbytes]
 
 
@@ -89,22 +97,43 @@ def byte_blocks(tensor: ir.TensorProtocol):
 
 def scan_linear(weight: ir.TensorProtocol, shift: np.ndarray | None, *, axis: int,
                 largest: bool) -> tuple[float | None, np.ndarray | None]:
-    """One read of a 2-D linear weight W, rows in blocks: (max |W| if `largest`, else None; and the bias
-    a constant input `shift` adds through W read along `axis` (its input features), shift W for axis 0,
-    W shift for axis 1, summed in float64, or None without a shift)."""
+    """One read of a 2-D linear weight W, rows in blocks scanned on SCAN_WORKERS threads: (max |W| if
+    `largest`, else None; and the bias a constant input `shift` adds through W read along `axis` (its
+    input features), shift W for axis 0, W shift for axis 1, summed in float64 in block order (the same
+    sum whatever the threads), or None without a shift)."""
     rows, columns = tuple(weight.shape.numpy())
+    shift = None if shift is None else np.asarray(shift, dtype=np.float64)
+
+    def scan(span: tuple[int, int]) -> tuple[tuple[float, float] | None, np.ndarray | None]:
+        start, stop = span
+        block = read_rows(weight, start, stop)
+        extremes = (float(block.max()), float(block.min())) if largest and block.size else None
+        if shift is None:
+            return extremes, None
+        if axis == 0:
+            return extremes, np.einsum("i,ij->j", shift[start:stop], block, dtype=np.float64)
+        return extremes, np.einsum("ij,j->i", block, shift, dtype=np.float64)
+
+    spans = list(row_blocks(rows, block_rows((rows, columns), weight.dtype.numpy().itemsize)))
     biggest = 0.0 if largest else None
     total = None if shift is None else np.zeros(columns if axis == 0 else rows, dtype=np.float64)
-    shift = None if shift is None else np.asarray(shift, dtype=np.float64)
-    for start, block in blocks(weight):
-        stop = start + block.shape[0]
-        if largest and block.size:
-            biggest = max(biggest, abs(float(block.max())), abs(float(block.min())))
-        if shift is not None and axis == 0:
-            total += np.einsum("i,ij->j", shift[start:stop], block, dtype=np.float64)
-        elif shift is not None:
-            total[start:stop] = np.einsum("ij,j->i", block, shift, dtype=np.float64)
+    for (start, stop), (extremes, part) in zip(spans, _scan_pool().map(scan, spans)):
+        if extremes is not None:
+            biggest = max(biggest, abs(extremes[0]), abs(extremes[1]))
+        if part is not None and axis == 0:
+            total += part
+        elif part is not None:
+            total[start:stop] = part
     return biggest, total
+
+
+def _scan_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that scan weights (numpy and file reads release the GIL)."""
+    global _SCAN_POOL
+    with _SCAN_POOL_LOCK:
+        if _SCAN_POOL is None:
+            _SCAN_POOL = concurrent.futures.ThreadPoolExecutor(SCAN_WORKERS, thread_name_prefix="normfold-scan")
+        return _SCAN_POOL
 
 
 @dataclass

@@ -7,8 +7,9 @@ reused buffer took 0.5 to 6.7 s run to run, plus 0.8 s of fsync); a direct write
 one reused, aligned buffer straight to the disk (0.7 to 1.0 s, steady, nothing left to flush).
 
 `write(file, chunks, nbytes)` writes byte chunks one after the other at `file`'s position: whole
-ALIGN-byte pages go through a second descriptor opened with O_DIRECT on the same file, from a per-thread
-staging buffer aligned to ALIGN; the unaligned head and tail, and everything where O_DIRECT is not to be
+ALIGN-byte pages go through a second descriptor opened with O_DIRECT on the same file, straight from a
+chunk that starts at an ALIGN boundary (normfold.derived's buffers do), else from a per-thread staging
+buffer; the unaligned head and tail, and everything where O_DIRECT is not to be
 had (not Linux, tmpfs, a file object without a descriptor, a tensor under DIRECT_MIN_BYTES), go through
 `file` as ordinary writes. Either way the bytes are the same, and `file` is left positioned after them.
 """
@@ -83,6 +84,9 @@ class _Stream:
                 self._buffered(chunk[:taken])
                 self.head -= taken
                 chunk = chunk[taken:]
+            pages = chunk.size - chunk.size % ALIGN
+            if not self.staged and pages and chunk.ctypes.data % ALIGN == 0 and self._direct(chunk[:pages]):
+                chunk = chunk[pages:]  # an aligned chunk went direct as it is, not copied to the stage
             while chunk.size:
                 taken = min(STAGE_BYTES - self.staged, chunk.size)
                 self.stage[self.staged : self.staged + taken] = chunk[:taken]
@@ -95,17 +99,23 @@ class _Stream:
 
     def _flush_stage(self) -> None:
         pages = self.staged - self.staged % ALIGN
-        if pages and self.direct is not None:
-            try:
-                self._pwrite(self.direct, self.stage[:pages])
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: this file or device takes no direct write after all
-                    raise
-                self.direct = None
-        if self.direct is None:
+        if not (pages and self._direct(self.stage[:pages])):
             pages = 0
         self._buffered(self.stage[pages : self.staged])
         self.staged = 0
+
+    def _direct(self, pages: np.ndarray) -> bool:
+        """Writes whole pages direct; False, with nothing written, once the file refuses direct writes."""
+        if self.direct is None:
+            return False
+        try:
+            self._pwrite(self.direct, pages)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file or device takes no direct write after all
+                raise
+            self.direct = None
+            return False
+        return True
 
     def _buffered(self, data: np.ndarray) -> None:
         if data.size:
@@ -118,11 +128,16 @@ class _Stream:
         self.position += data.size
 
 
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A new uint8 buffer of `nbytes` starting at an ALIGN boundary."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes]
+
+
 def _stage() -> np.ndarray:
     """This thread's staging buffer, STAGE_BYTES aligned to ALIGN."""
     stage = getattr(_local, "stage", None)
     if stage is None:
-        raw = np.empty(STAGE_BYTES + ALIGN, dtype=np.uint8)
-        start = -raw.ctypes.data % ALIGN
-        stage = _local.stage = raw[start : start + STAGE_BYTES]
+        stage = _local.stage = aligned_buffer(STAGE_BYTES)
     return stage

@@ -135,3 +135,35 @@ def test_a_small_tensor_is_written_as_it_is(tmp_path, monkeypatch):
     with open(tmp_path / "small.bin", "wb") as file:
         direct_write.write(file, iter([chunk]), chunk.size)
     assert (tmp_path / "small.bin").read_bytes() == chunk.tobytes()
+
+
+def test_aligned_chunks_go_direct_as_they_are_and_the_rest_through_the_stage(tmp_path, monkeypatch):
+    if not _direct_supported(tmp_path / "probe.bin"):
+        pytest.skip(f"{tmp_path}: this file system takes no O_DIRECT writes")
+    monkeypatch.setattr(direct_write, "DIRECT_MIN_BYTES", 0)
+    rng = np.random.default_rng(5)
+    chunks = []
+    for n in (3 * 4096, 2 * 4096 + 100, 5 * 4096, 7):  # aligned; aligned with a tail; after a tail; a tail
+        chunk = direct_write.aligned_buffer(n)
+        chunk[:] = rng.integers(0, 256, n, dtype=np.uint8)
+        chunks.append(chunk)
+    stage = direct_write._stage()
+    written = {"chunk": 0, "stage": 0, "buffered": 0}
+    real_pwrite = os.pwrite
+
+    def pwrite(descriptor, data, offset):
+        if not _is_direct(descriptor):
+            written["buffered"] += len(data)
+        elif np.shares_memory(data, stage):
+            written["stage"] += len(data)
+        else:
+            written["chunk"] += len(data)
+        return real_pwrite(descriptor, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    size = sum(c.size for c in chunks)
+    _write_at(tmp_path / "data.bin", 0, chunks, size=size)
+    assert (tmp_path / "data.bin").read_bytes() == _expected(0, chunks, size)
+    # the first two chunks' whole pages straight from them; then 100 + 5 * 4096 + 7 bytes staged, whose
+    # 5 whole pages go direct and the last 107 bytes buffered
+    assert written == {"chunk": 5 * 4096, "stage": 5 * 4096, "buffered": 107}
