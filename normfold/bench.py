@@ -5,7 +5,7 @@ across the models, the order rotated each round (A B C, B C A, C A B, ...), so d
 the cost of running first or after a given model fall on each model alike. By default the
 sessions' idle threads sleep (session.intra_op.allow_spinning=0): with onnxruntime's default spinning,
 the threads of the session that just ran keep spinning while the next one runs and take its cores
-(on 2 cores a DeiT-Tiny run went from about 132 to 160-186 ms, benchmarks/results/deit_profile.md);
+(on 2 cores a DeiT-Tiny run went from about 132 to 160-186 ms, benchmarks/results/kernel_profile_deit_tiny.md);
 `spin=True` (`--spin`) keeps onnxruntime's default. Reported per
 model: session creation time, median, p90 and min latency, throughput (1 / median, runs per second)
 and the ratio of its median to the first model's (the baseline).

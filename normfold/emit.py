@@ -14,7 +14,7 @@ RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma (+ beta), over the last axis, sta
                                the fused SkipSimplifiedLayerNormalization (sum as output 3) would be
                                slower on CPU: its kernel is a scalar loop that divides per element,
                                about 2x SimplifiedLayerNormalization plus the Add
-                               (benchmarks/results/deit_profile.md)
+                               (benchmarks/results/kernel_profile_deit_tiny.md)
 
 Float16/bfloat16 inputs are cast to float32 around the statistics in the decomposed form, as
 LayerNormalization's stash_type=1 does. `centre` emits x - mean(x), the explicit recentring used

@@ -7,7 +7,7 @@ so W' = diag(gamma) W (row i of W scaled by gamma_i) and b' = b + beta W (a new 
 had no bias; Gemm's C' = beta_g C + alpha beta op(B), beta_g = 1). The norm then keeps no affine:
 gamma becomes 1 and beta goes. A decomposed norm keeps its Mul, by ones (x * 1 == x): onnxruntime fuses
 the decomposed spelling into its norm kernel only with that Mul, and runs the five loose ops about 2.7x
-slower (benchmarks/results/deit_profile.md); its Add goes.
+slower (benchmarks/results/kernel_profile_deit_tiny.md); its Add goes.
 
 Refused, with the reason: a reader that is not such a linear map (the residual Add of a Post-LN
 model, an activation, a graph output), a non-constant gamma or beta, a Skip*Norm, or a beta that
@@ -116,7 +116,7 @@ def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None,
 def _drop_affine(site: NormSite, model: ir.Model) -> None:
     """Removes gamma and beta from the norm itself (they now live in its readers): gamma becomes ones
     (the Mul of a decomposed norm stays: onnxruntime fuses a decomposed norm into its own kernel only
-    with it, benchmarks/results/deit_profile.md), beta goes (its Add, or a fused op's input)."""
+    with it, benchmarks/results/kernel_profile_deit_tiny.md), beta goes (its Add, or a fused op's input)."""
     fused_op = site.nodes[0] if site.fused else None
     for value in (site.beta, site.gamma):
         if value is None:

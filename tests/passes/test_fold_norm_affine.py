@@ -144,7 +144,7 @@ def test_post_ln_residual_norms_are_refused_with_the_reason(tmp_path):
 def test_a_decomposed_norm_keeps_a_mul_by_ones_so_onnxruntime_fuses_it(tmp_path):
     """Target onnx emits decomposed RMSNorms (opset 18); once their gamma is folded each keeps a Mul by
     ones, the pattern onnxruntime's optimizer fuses into SimplifiedLayerNormalization (without the Mul it
-    leaves five loose ops, about 2.7x slower: benchmarks/results/deit_profile.md)."""
+    leaves five loose ops, about 2.7x slower: benchmarks/results/kernel_profile_deit_tiny.md)."""
     import onnxruntime as ort
 
     path = tmp_path / "vit.onnx"

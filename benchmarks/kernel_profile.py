@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Where a DeiT-Tiny-size ViT's norms cost time on onnxruntime CPU: a per-op-type kernel profile of
-the original, the no-norm bound and normfold's conversions.
+"""Where a model's norms cost time on onnxruntime CPU: a per-op-type kernel profile of the original, the
+no-norm bound, normfold's conversions and onnxruntime's own offline optimizer, for the runtime suite's
+models (bench_peers: deit_tiny, gpt2_small, resnet50).
 
-    python benchmarks/deit_profile.py [--no-spin] [--runs 20] [--threads 2] [--latency-repeats N]
-                                      [--form-repeats 40] [--variants original,no-norm,...]
-                                      [--extra LABEL=MODEL.onnx] [--out benchmarks/results/deit_profile.md]
+    python benchmarks/kernel_profile.py [--model deit_tiny] [--no-spin] [--runs 20] [--threads 2]
+                                        [--latency-repeats N] [--form-repeats 40] [--variants original,...]
+                                        [--extra LABEL=MODEL.onnx] [--out benchmarks/results/kernel_profile_MODEL.md]
 
-1. Builds (or reuses, cached in --work-dir) the model of bench_peers ("deit_tiny": width 192, 12 layers,
-   batch 8, 224x224, dynamo export, seed 0) and makes the variants: the no-norm bound (every
-   LayerNormalization's output rewired to its input, as bench_peers makes it), `normfold convert
-   --no-verify` with the default passes (target ort and onnx) and with layernorm-to-rmsnorm (target
-   ort), and two exact experiments on normfold's outputs (fuse_residual_adds, restore_unit_gamma);
-   every variant but the bound is checked with normfold.verify (fp32 renorm tolerances).
+1. Builds (or reuses, cached in --work-dir) the model of bench_peers (--model) and makes the variants
+   (MODEL_VARIANTS, or --variants): the no-norm bound (every norm's output rewired to its input, as
+   bench_peers makes it), `normfold convert --no-verify` with the default passes (target ort and onnx),
+   with layernorm-to-rmsnorm and layernorm-to-crmsnorm (target ort), onnxruntime's offline optimizer
+   (peer ort-offline, as bench_peers runs it), and, for DeiT, two exact experiments on normfold's outputs
+   (fuse_residual_adds, restore_unit_gamma); every variant but the bound is checked with
+   normfold.verify (the model's tolerance class).
 2. Saves onnxruntime's ORT_ENABLE_ALL graph of each (SessionOptions.optimized_model_filepath) and
-   counts its op types: what onnxruntime fused (Gemm from MatMul+Add, Skip*Norm, Gelu, Attention, ...).
+   counts its op types: what onnxruntime fused (Gemm from MatMul+Add, Skip*Norm, Gelu, Attention,
+   Conv+BatchNorm, ...); variants whose optimized graphs have the same op counts run the same kernels.
 3. Profiles every variant with SessionOptions.enable_profiling, ORT_ENABLE_ALL, `--threads` intra-op
    threads, one session each, a warm-up round, then `--runs` interleaved rounds (A B C A B C ...).
    Per run: the kernel time of each op type (sum of the `*_kernel_time` events inside that
@@ -23,14 +26,14 @@ the original, the no-norm bound and normfold's conversions.
 4. Optionally (--latency-repeats), interleaved end-to-end latency without the profiler (the same
    thread count, plus an A/A second session of the original): the ratio every other benchmark reports.
    Every session uses onnxruntime's default spinning thread pool unless --no-spin.
-5. Norm emission forms timed alone (--form-repeats): 24 residual blocks (s = x + d; y = norm(s)) at
-   the model's stream shape in each spelling normfold could emit (LayerNormalization,
-   SimplifiedLayerNormalization, Skip*LayerNormalization with the sum as output 3, opset-23
-   RMSNormalization, the decomposed forms), checked against float64 numpy and timed interleaved.
+5. For the transformers, norm emission forms timed alone (--form-repeats): 24 residual blocks
+   (s = x + d; y = norm(s)) at the model's stream shape in each spelling normfold could emit
+   (LayerNormalization, SimplifiedLayerNormalization, Skip*LayerNormalization with the sum as output 3,
+   opset-23 RMSNormalization, the decomposed forms), checked against float64 numpy and timed interleaved.
 
 Every figure is from one run on a shared machine: compare rows of one table, not across runs. With
 onnxruntime's default spinning threads, interleaved sessions on a small shared machine slow each other
-(benchmarks/results/deit_profile.md); --no-spin gives the steadier figures.
+(benchmarks/results/kernel_profile_deit_tiny.md); --no-spin gives the steadier figures.
 """
 
 from __future__ import annotations
@@ -51,23 +54,33 @@ import bench_peers  # noqa: E402
 from bench_fold_batchnorm import log, machine_info, machine_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "deit_profile.md"
+RESULTS = REPO / "benchmarks" / "results"
 MODEL = "deit_tiny"
+"""The bench_peers model being profiled (set by --model)."""
 NORM_OPS = bench_peers.NORM_OPS
 SHAPED_OPS = ("Add",)
 """Op types whose profile rows are split by input shapes (residual, bias and mask Adds differ)."""
 
-# key -> (row label, maker, passes, target); maker "original", "no-norm" (bench_peers' no-norm bound:
-# strip_layernorms) or "convert" (the normfold CLI).
+# key -> (row label, maker, passes or peer, target); maker "original", "no-norm" (bench_peers' no-norm
+# bound: strip_layernorms), "convert" (the normfold CLI), "peer" (benchmarks/peers.py) or an experiment.
 VARIANTS = {
     "original": ("original", "original", None, None),
     "no-norm": ("no-norm bound", "no-norm", None, None),
     "default-ort": ("normfold default, target ort", "convert", None, "ort"),
     "rmsnorm-ort": ("layernorm-to-rmsnorm, target ort", "convert", "layernorm-to-rmsnorm", "ort"),
     "default-onnx": ("normfold default, target onnx", "convert", None, "onnx"),
+    "crmsnorm-ort": ("layernorm-to-crmsnorm, target ort", "convert", "layernorm-to-crmsnorm", "ort"),
+    "ort-offline": ("peer: ort-offline", "peer", "ort-offline", None),
     "onnx-ones": ("experiment: default onnx + Mul by ones after each decomposed norm", "ones", None, "onnx"),
     "skip-ort": ("experiment: default ort + Add fused (SkipSimplifiedLayerNormalization)", "skip", None, "ort"),
 }
+MODEL_VARIANTS = {
+    "deit_tiny": ["original", "no-norm", "default-ort", "rmsnorm-ort", "default-onnx", "onnx-ones", "skip-ort"],
+    "gpt2_small": ["original", "no-norm", "default-ort", "default-onnx", "rmsnorm-ort", "crmsnorm-ort",
+                   "ort-offline"],
+    "resnet50": ["original", "no-norm", "default-ort", "default-onnx", "ort-offline"],
+}
+"""The default --variants of each model."""
 
 
 # --- variants --------------------------------------------------------------------------------------
@@ -85,10 +98,18 @@ def make_variants(original: Path, scratch: Path, keys: list[str], remake: bool) 
         if remake or not dst.is_file():
             log(f"making {label} ...")
             if maker == "no-norm":
-                ln_bench.strip_layernorms(original, dst)
+                ln_bench.strip_layernorms(original, dst, op_types=bench_peers.MODELS[MODEL]["norm_ops"])
             elif maker == "ones":
                 base = make_variants(original, scratch, ["default-onnx"], remake)["normfold default, target onnx"]
                 log(f"{label}: {restore_unit_gamma(base, dst)} norms given a Mul by ones")
+            elif maker == "peer":
+                spec = bench_peers.MODELS[MODEL]["transformers"]
+                argv = [sys.executable, str(Path(bench_peers.peer_tools.__file__).resolve()), passes, str(original),
+                        str(dst), "--model-type", spec["model_type"], "--heads", str(spec["heads"]),
+                        "--hidden", str(spec["hidden"])]
+                made = bench_peers.make_variant(argv, dst, scratch)
+                if "error" in made:
+                    raise SystemExit(f"{label}: {made['error']}")
             elif maker == "skip":
                 base = make_variants(original, scratch, ["default-ort"], remake)["normfold default, target ort"]
                 log(f"{label}: fused {fuse_residual_adds(base, dst)} residual Adds")
@@ -309,14 +330,14 @@ def profile(paths: dict[str, Path], runs: int, threads: int, scratch: Path) -> d
 
 
 def check(original: Path, paths: dict[str, Path]) -> dict[str, str]:
-    """normfold.verify of every variant but the bound against the original (fp32 renorm tolerances)."""
+    """normfold.verify of every variant but the bound against the original (the model's fp32 tolerances)."""
     import normfold
 
     out = {}
     for label, path in paths.items():
         if path == original or "no-norm" in label:
             continue
-        r = normfold.verify(original, path, tolerance_class="renorm")
+        r = normfold.verify(original, path, tolerance_class=bench_peers.MODELS[MODEL]["tolerance_class"])
         out[label] = f"{'yes' if r.passed else '**NO**'} ({r.max_abs_error:.1g})"
     return out
 
@@ -373,8 +394,9 @@ def latency(paths: dict[str, Path], repeats: int, threads: int) -> dict[str, dic
 
 # --- emission forms, timed alone ------------------------------------------------------------------
 
-FORM_SHAPE = (8, 197, 192)
-"""The residual stream of the DeiT-Tiny model at batch 8: 197 tokens of width 192."""
+FORM_SHAPES = {"deit_tiny": (8, 197, 192), "gpt2_small": (1, 512, 768)}
+"""Each transformer's residual stream: DeiT-Tiny at batch 8, 197 tokens of width 192; GPT-2-small, one
+sequence of 512 tokens of width 768."""
 FORM_BLOCKS = 24
 """Residual blocks per form model: s = x + d; y = norm(s); the next block's (x, d) is (s, y)."""
 
@@ -545,7 +567,7 @@ def render_forms(forms: dict[str, dict], shape: tuple[int, ...], threads: int, r
     floor = forms.get(next(label for label, kind in FORMS.items() if kind == "add"), {}).get("block_us")
     L = [f"## Norm emission forms timed alone ({FORM_BLOCKS} residual blocks at {'x'.join(map(str, shape))}, "
          f"{threads} threads, ORT_ENABLE_ALL, {repeats} interleaved runs)", "",
-         "Each model chains the DeiT residual pattern: s = x + d; y = norm(s); the next block reads (s, y). "
+         "Each model chains the Pre-LN residual pattern: s = x + d; y = norm(s); the next block reads (s, y). "
          "\"us per block\" is the median run time over the blocks; \"norm us\" subtracts the Add-alone "
          "floor: what the norm itself costs, Add fusion included. \"runs as\" is onnxruntime's optimized "
          "graph per block; \"equivalent\" checks the output against float64 numpy at the fp32 renorm "
@@ -567,14 +589,16 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
            lat: dict | None, forms: dict | None, checks: dict[str, str]) -> str:
     labels = list(summaries)
     base = summaries["original"]
-    L = ["# DeiT-Tiny on onnxruntime CPU: where the norms' time goes (kernel profile)", "",
+    L = [f"# {bench_peers.MODELS[MODEL]['title']} on onnxruntime CPU: where the norms' time goes (kernel profile)",
+         "",
          f"Command: `{args.command_line}`", ""]
     L += machine_table(info)
     L.append(f"| load average (1 min) at start / end | {args.load_start} / {ln_bench._load()} |")
     idle = "spin (onnxruntime default)" if SPINNING else "sleep (--no-spin)"
     L.append(f"| intra-op threads | {args.threads}, idle threads {idle} |")
     L.append("")
-    L.append(f"Model: {ln_bench.MODELS[MODEL]['describe']}. ORT_ENABLE_ALL, CPU provider, "
+    spec = bench_peers.MODELS[MODEL]
+    L.append(f"Model: {spec.get('describe', spec['title'])}. ORT_ENABLE_ALL, CPU provider, "
              f"{base['runs']} profiled interleaved runs per variant after a warm-up round; every figure is a "
              "median over runs, in ms per run.")
     L.append("")
@@ -634,14 +658,15 @@ def render(info: dict, args, summaries: dict[str, dict], graphs: dict[str, colle
     L.append("| **nodes** | " + " | ".join(str(sum(graphs[label].values())) for label in labels) + " |")
     L.append("")
     if forms:
-        L += render_forms(forms, FORM_SHAPE, args.threads, args.form_repeats)
+        L += render_forms(forms, FORM_SHAPES[MODEL], args.threads, args.form_repeats)
     return "\n".join(L)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--model", default="deit_tiny", choices=sorted(MODEL_VARIANTS), help="bench_peers' model")
+    parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: the "
+                        "model's MODEL_VARIANTS)")
     parser.add_argument("--runs", type=int, default=20, help="profiled interleaved runs per variant")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--latency-repeats", type=int, default=0,
@@ -652,24 +677,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="interleaved runs of the emission-form models (0: skip that section)")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL.onnx",
                         help="also profile this model file under this row label (repeatable)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
+    parser.add_argument("--out", type=Path, help="markdown results file (default: "
+                        "benchmarks/results/kernel_profile_MODEL.md)")
     parser.add_argument("--json", type=Path, help="also write the per-run figures here")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "normfold-bench",
                         help="model cache (shared with bench_peers) and variants")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached model and remake the variants")
     args = parser.parse_args(argv)
-    keys = [v for v in args.variants.split(",") if v]
+    global MODEL, SPINNING
+    MODEL = args.model
+    args.out = args.out or RESULTS / f"kernel_profile_{MODEL}.md"
+    keys = [v for v in (args.variants or ",".join(MODEL_VARIANTS[MODEL])).split(",") if v]
     if "original" not in keys or set(keys) - set(VARIANTS):
         parser.error(f"--variants: a subset of {', '.join(VARIANTS)} that includes 'original'")
     if args.runs < 1 or args.threads < 1 or args.latency_repeats < 0 or args.form_repeats < 0:
         parser.error("--runs and --threads must be at least 1, --latency-repeats at least 0")
-    global SPINNING
     SPINNING = not args.no_spin
-    args.command_line = " ".join(["python", "benchmarks/deit_profile.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command_line = " ".join(["python", "benchmarks/kernel_profile.py", *(sys.argv[1:] if argv is None else argv)])
     args.load_start = ln_bench._load()
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    scratch = work / "deit_profile"
+    scratch = work / "kernel_profile"
     scratch.mkdir(exist_ok=True)
     original = bench_peers.build(MODEL, work, args.rebuild)
     paths = make_variants(original, scratch, keys, args.rebuild)
@@ -683,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     per_run = profile(paths, args.runs, args.threads, scratch)
     summaries = {label: summarize(r) for label, r in per_run.items()}
     lat = latency(paths, args.latency_repeats, args.threads) if args.latency_repeats else None
-    forms = time_forms(FORM_SHAPE, args.threads, args.form_repeats) if args.form_repeats else None
+    forms = (time_forms(FORM_SHAPES[MODEL], args.threads, args.form_repeats)
+             if args.form_repeats and MODEL in FORM_SHAPES else None)
     text = render(machine_info(), args, summaries, graphs, lat, forms, checks)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
