@@ -22,10 +22,9 @@ import onnx_ir as ir
 
 from normfold import derived
 from normfold.constants import constant
-from normfold.consumers import LinearReader, NotLinear, has_bias_slot, linear_edit, linear_readers
+from normfold.consumers import LinearReader, NotLinear, linear_edit, linear_readers, wide_new_bias
 from normfold.derived import DerivedTensor, Scale
 from normfold.detect import NormSite, find_sites
-from normfold.report import node_label
 from normfold.rewrite import NormPass, add_initializer, bypass
 
 
@@ -83,16 +82,12 @@ class NotWorthFolding(Exception):
 
 
 def _check_beta_is_worth_folding(readers: list[LinearReader], width: int, model: ir.Model) -> None:
-    """NotWorthFolding when folding beta would cost more than it saves: a MatMul reader with no bias to take
-    beta W needs a new Add over its output features, and one wider than the norm (an LM head: 50257
-    logits a token against a beta Add over 768) makes the model slower (GPT-2-small +2.5%,
-    benchmarks/results/peers_runtime.md); the norm then keeps its affine (and a tied head stays tied)."""
+    """NotWorthFolding when folding beta into a reader would cost more than it saves (consumers.wide_new_bias):
+    the norm then keeps its affine (and a tied head stays tied)."""
     for reader in readers:
-        features = reader.weight.shape[1 - reader.weight_axis]
-        if reader.node.op_type == "MatMul" and features > width and not has_bias_slot(reader.node, features, model):
-            raise NotWorthFolding(f"folding beta into MatMul {node_label(reader.node)}, which has no bias, would add "
-                                  f"an Add over its {features} outputs, more work than the norm's own beta over "
-                                  f"{width}; the affine stays on the norm")
+        reason = wide_new_bias(reader, width, model)
+        if reason:
+            raise NotWorthFolding(f"{reason}; the affine stays on the norm")
 
 
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):

@@ -8,7 +8,10 @@ dimensions:
 - each LayerNorm reading the stream becomes CRMSNorm(x) = x / sqrt((sum x^2 + (sum x)^2)/d + eps),
   whose output n is again zero-mean and stored in d-1 dimensions;
 - each linear reader of a norm output (behind width-preserving views) absorbs the norm's affine
-  and the implied element: with A = diag(gamma) W, A'_i = A_i - A_d for i < d, bias b' = b + beta W.
+  and the implied element: with A = diag(gamma) W, A'_i = A_i - A_d for i < d, bias b' = b + beta W;
+  except a MatMul with no bias wider than the norm (an LM head: beta W would be a new Add over every
+  logit, and the model slower, benchmarks/results/kernel_profile_gpt2_small.md), which reads the norm
+  restored, y = [n, -sum n] * gamma + beta, and keeps its weight.
 A writer that cannot be folded (BLOOM's embedding LayerNorm output) gets an explicit centring
 sliced to d-1 elements. Refused, per stream, with the reason: anything layernorm-to-rmsnorm refuses,
 or a shape that is computed, not constant. A stream whose norm output is read by something other
@@ -23,7 +26,7 @@ import onnx_ir as ir
 
 from normfold import derived
 from normfold.constants import constant
-from normfold.consumers import NotLinear, linear_edit, linear_reader, weight_tensor
+from normfold.consumers import NotLinear, linear_edit, linear_reader, weight_tensor, wide_new_bias
 from normfold.derived import CrmsReader, DerivedTensor
 from normfold.detect import NormSite, find_sites
 from normfold.emit import Emitter
@@ -58,7 +61,8 @@ class LayerNormToCRMSNorm(NormPass):
                 if id(stream) not in plans:
                     raise NotFoldable(refusals[id(stream)])
                 plan = plans[id(stream)]
-                edits = plan.edits + _stream_edits(stream, model, plan.touched)
+                notes: list[tuple[ir.Node, str]] = []
+                edits = plan.edits + _stream_edits(stream, model, plan.touched, notes)
             except NotLinear as exc:
                 self._fall_back_to_rmsnorm(stream, model, str(exc), moved, fallbacks)
                 continue
@@ -68,6 +72,8 @@ class LayerNormToCRMSNorm(NormPass):
                 continue
             for edit in edits:
                 edit()
+            for node, reason in notes:
+                self.note(node, reason)
             width = _width(stream)
             apply_explicit(plan, model, self.target, keep=width - 1, moved=moved)
             for site in stream.readers:
@@ -97,8 +103,9 @@ class LayerNormToCRMSNorm(NormPass):
         self.skipped += rms.skipped
 
 
-def _stream_edits(stream: Stream, model: ir.Model, touched: list[ir.Value]) -> list:
-    """The views inside the stream and every reader's edits (the writers are planned by stream_plan)."""
+def _stream_edits(stream: Stream, model: ir.Model, touched: list[ir.Value], notes: list) -> list:
+    """The views inside the stream and every reader's edits (the writers are planned by stream_plan);
+    `notes` gets (norm node, reason) for each reader that reads its norm restored."""
     width = _width(stream)
     edits = []
     for value in stream.values:
@@ -109,7 +116,7 @@ def _stream_edits(stream: Stream, model: ir.Model, touched: list[ir.Value]) -> l
         reason = site.escaping_intermediate()
         if reason:
             raise NotFoldable(f"{site.name}: {reason}")
-        edits += _reader_edits(site, width, model, touched)
+        edits += _reader_edits(site, width, model, touched, notes)
     return edits
 
 
@@ -121,8 +128,9 @@ def _width(stream: Stream) -> int:
     return width
 
 
-def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) -> list:
-    """Edits folding the norm's affine and the implied last element into every linear reader."""
+def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list, notes: list) -> list:
+    """Edits folding the norm's affine and the implied last element into every linear reader; a reader
+    that would need a new bias wider than the norm (an LM head) reads the norm restored instead."""
     gamma = _vector(site.gamma, model, width, 1.0)
     beta = _vector(site.beta, model, width, 0.0)
     edits = []
@@ -135,10 +143,31 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list) ->
         weight, axis = reader.weight, reader.weight_axis
         if len(weight.shape) != 2 or weight.shape[axis] != width:
             raise NotLinear(f"{node.op_type} {node_label(node)} does not read the norm's {width} features")
+        reason = wide_new_bias(reader, width, model) if np.any(beta) else None
+        if reason:
+            notes.append((site.nodes[0], f"{reason}; it reads the CRMSNorm output restored to width {width}, "
+                                         "with the affine, and keeps its weight"))
+            edits.append(lambda node=node: _read_restored(node, gamma, beta, model))
+            continue
         _reader_fold(node, weight, gamma, beta, axis, model)  # checks it now: nothing is changed if any reader fails
         edits.append(lambda node=node, axis=axis: _reader_fold(
             node, weight_tensor(node.inputs[1], model), gamma, beta, axis, model)())
     return edits
+
+
+def _read_restored(node: ir.Node, gamma: np.ndarray, beta: np.ndarray, model: ir.Model) -> None:
+    """Gives `node` the norm's output at full width with its affine, y = [n, -sum n] * gamma + beta (n the
+    zero-mean CRMSNorm output in d-1 dims): a few ops over d a token instead of a bias over the reader's
+    outputs; its weight stays as it was."""
+    n = node.inputs[0]
+    dtype = linear_reader(node, model).dtype
+    emit = Emitter(model, node, "onnx")
+    name = f"{node.name or node.op_type}/restored"
+    implied = emit.node("Neg", [emit.reduce("ReduceSum", n, f"{name}/sum")], name=f"{name}/implied")
+    full = emit.node("Concat", [n, implied], {"axis": -1}, name=f"{name}/full")
+    scaled = emit.node("Mul", [full, emit.constant(f"{name}/gamma", gamma.astype(dtype))], name=f"{name}/gamma")
+    y = emit.node("Add", [scaled, emit.constant(f"{name}/beta", beta.astype(dtype))], name=f"{name}/beta")
+    node.replace_input_with(0, y)
 
 
 def _reader_fold(node: ir.Node, weight: ir.TensorProtocol, gamma: np.ndarray, beta: np.ndarray, axis: int,

@@ -4,6 +4,8 @@ REFERENCE.md's tolerances; Post-LN BERT unchanged with the reason."""
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import pytest
 
@@ -28,8 +30,30 @@ def test_pre_ln_models_convert_to_crmsnorm(name, exporter, opset, dtype, tmp_pat
     assert [s for s in find_sites(model) if s.kind == "LayerNorm"] == []
     assert report.verification["passed"]
     assert report.ops_after.get("ReduceSum", 0) >= 2 * (LN_COUNT[name] - (name == "bloom"))
-    notes = report.passes[0].notes  # only BLOOM's embedding norm, read by an explicit centring, keeps width d
-    assert [n.reason.startswith("RMSNorm instead of CRMSNorm") for n in notes] == [True] * (name == "bloom")
+    notes = [n.reason for n in report.passes[0].notes]
+    # only BLOOM's embedding norm, read by an explicit centring, keeps width d
+    assert sum(n.startswith("RMSNorm instead of CRMSNorm") for n in notes) == (name == "bloom")
+    # the final norm of every language model feeds a bias-less LM head: it reads the norm restored
+    assert sum("reads the CRMSNorm output restored" in n for n in notes) == (name != "vit"), notes
+    assert len(notes) == (name == "bloom") + (name != "vit")
+
+
+def test_a_bias_less_lm_head_reads_the_norm_restored_and_keeps_its_weight(tmp_path):
+    """Folding the final norm's beta into GPT-2's tied head would add an Add over every logit (and
+    onnxruntime then runs the head as a slower Gemm); the head reads [n, -sum n] * gamma + beta instead,
+    with its own weight, and no Add follows it."""
+    path = tmp_path / "gpt2.onnx"
+    build_onnx("gpt2_tied", seed=3, path=path)
+    model, report = normfold.convert(path, ["layernorm-to-crmsnorm"])
+    assert report.verification["passed"]
+    [note] = report.passes[0].notes
+    head_name = re.match(r"folding beta into MatMul (\S+), which has no bias", note.reason).group(1)
+    head = next(n for n in onnx.load(path).graph.node if n.name == head_name)
+    converted = next(n for n in model.graph if n.name == head_name)
+    assert converted.inputs[1].name == head.input[1]  # the same weight value, not a folded copy
+    assert converted.inputs[0].producer().op_type == "Add"  # ... + beta
+    assert converted.inputs[0].producer().inputs[0].producer().inputs[0].producer().op_type == "Concat"
+    assert [use.op_type for use, _ in converted.outputs[0].uses()] != ["Add"]
 
 
 def test_the_stream_is_stored_in_d_minus_1_dims(tmp_path):

@@ -55,4 +55,5 @@ def test_a_projection_that_reads_a_norm_and_writes_the_stream_gets_both_edits(ta
     shapes = sorted(tuple(v.const_value.shape) for v in model.graph.initializers.values()
                     if v.const_value is not None and len(v.const_value.shape) == 2)
     assert shapes.count((D - 1, D - 1)) == 2, shapes  # both block projections: rows and columns dropped
-    assert (VOCAB, D - 1) in shapes and (D - 1, VOCAB) in shapes  # the stored table and the head
+    # the stored table; the bias-less head reads the final norm restored to width D and keeps its weight
+    assert (VOCAB, D - 1) in shapes and (D, VOCAB) in shapes
