@@ -221,11 +221,11 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
         name, base = floor(r)
         L.append(f"## {r['bytes'] / 1e6:,.0f} MB model")
         L.append("")
-        L.append("| run | wall s | x floor | peak MiB | peak / model size | notes |")
-        L.append("|---|--:|--:|--:|--:|---|")
+        L.append("| run | wall s | every run s | x floor | peak MiB | peak / model size | notes |")
+        L.append("|---|--:|--:|--:|--:|--:|---|")
         for label, v in r["runs"].items():
             if "error" in v:
-                L.append(f"| {label} | | | | | **failed**: {failure_reason(v['error'])} |")
+                L.append(f"| {label} | | | | | | **failed**: {failure_reason(v['error'])} |")
                 continue
             note = ""
             if "rewritten" in v:
@@ -233,24 +233,27 @@ def render(info: dict, args, results: list[dict], total_s: float) -> str:
                         "initializers untouched")
             if label == name:
                 note = (note + "; " if note else "") + "the floor"
-            L.append(f"| {label} | {v['wall_s']:.1f} | {v['wall_s'] / base['wall_s']:.2f} | {v['rss_mib']:.0f} "
-                     f"| {v['rss_mib'] * 2**20 / r['bytes']:.3f} | {note} |")
+            every = " ".join(f"{w:.2f}" for w in v.get("wall_all", [v["wall_s"]]))
+            L.append(f"| {label} | {v['wall_s']:.1f} | {every} | {v['wall_s'] / base['wall_s']:.2f} "
+                     f"| {v['rss_mib']:.0f} | {v['rss_mib'] * 2**20 / r['bytes']:.3f} | {note} |")
         L.append("")
     big = [r for r in results if r["bytes"] > 2**31 and "wall_s" in r["runs"].get("normfold convert --no-verify", {})]
     if big:
         L.append("## Targets (models over 2 GB)")
         L.append("")
         L.append(f"normfold convert --no-verify within {TARGET_TIME:g}x the floor's wall time, peak RSS under "
-                 f"{TARGET_MEMORY:.2f} of the model's size.")
+                 f"{TARGET_MEMORY:.2f} of the model's size. \"x fastest floor\" is the stricter reading: "
+                 "normfold's median against the floor's fastest single run.")
         L.append("")
-        L.append("| model MB | normfold s | floor s | x floor | met | peak MiB | peak / size | met |")
-        L.append("|--:|--:|--:|--:|---|--:|--:|---|")
+        L.append("| model MB | normfold s | floor s | x floor | x fastest floor | met | peak MiB | peak / size | met |")
+        L.append("|--:|--:|--:|--:|--:|---|--:|--:|---|")
         for r in big:
             v, (_, base) = r["runs"]["normfold convert --no-verify"], floor(r)
             ratio, share = v["wall_s"] / base["wall_s"], v["rss_mib"] * 2**20 / r["bytes"]
+            strict = v["wall_s"] / min(base.get("wall_all", [base["wall_s"]]))
             L.append(f"| {r['bytes'] / 1e6:,.0f} | {v['wall_s']:.1f} | {base['wall_s']:.1f} | {ratio:.2f} "
-                     f"| {'yes' if ratio <= TARGET_TIME else '**no**'} | {v['rss_mib']:.0f} | {share:.3f} "
-                     f"| {'yes' if share < TARGET_MEMORY else '**no**'} |")
+                     f"| {strict:.2f} | {'yes' if max(ratio, strict) <= TARGET_TIME else '**no**'} "
+                     f"| {v['rss_mib']:.0f} | {share:.3f} | {'yes' if share < TARGET_MEMORY else '**no**'} |")
         L.append("")
     if total_s:
         L.append(f"Total benchmark time: {total_s:.0f} s.")
