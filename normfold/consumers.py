@@ -133,15 +133,16 @@ def _matmul_edit(node: ir.Node, new_weight, dtype, delta, model):
     return apply
 
 
-def wide_new_bias(reader: LinearReader, width: int, model: ir.Model) -> str | None:
-    """Why folding a norm's beta into `reader` would cost more than it saves, or None: a MatMul with no
-    bias to take beta W needs a new Add over its output features, and one wider than the norm (an LM
-    head: 50257 logits a token against a beta Add over 768) makes the model slower (GPT-2-small +2.5%,
+def wide_new_bias(readers: list[LinearReader], width: int, model: ir.Model) -> str | None:
+    """Why folding a norm's beta into one of `readers` would cost more than it saves, or None: a MatMul
+    with no bias to take beta W needs a new Add over its output features, and one wider than the norm (an
+    LM head: 50257 logits a token against a beta Add over 768) makes the model slower (GPT-2-small +2.5%,
     benchmarks/results/peers_runtime.md; onnxruntime then runs the head as a Gemm with a broadcast C)."""
-    features = reader.weight.shape[1 - reader.weight_axis]
-    if reader.node.op_type == "MatMul" and features > width and not has_bias_slot(reader.node, features, model):
-        return (f"folding beta into MatMul {node_label(reader.node)}, which has no bias, would add an Add over its "
-                f"{features} outputs, more work than the norm's own beta over {width}")
+    for reader in readers:
+        features = reader.weight.shape[1 - reader.weight_axis]
+        if reader.node.op_type == "MatMul" and features > width and not has_bias_slot(reader.node, features, model):
+            return (f"folding beta into MatMul {node_label(reader.node)}, which has no bias, would add an Add over "
+                    f"its {features} outputs, more work than the norm's own beta over {width}")
     return None
 
 

@@ -44,10 +44,12 @@ class FoldNormAffine(NormPass):
                 affine = _affine(site, model)
                 if affine is None:
                     continue  # nothing left to fold: gamma is 1 and beta 0 (or absent)
+                gamma, beta = affine
                 readers = linear_readers(site.y, model)
-                if affine[1] is not None and np.any(affine[1]):
-                    _check_beta_is_worth_folding(readers, affine[1].size, model)
-                plans = [_fold_plan(reader, *affine, model) for reader in readers]
+                wide = wide_new_bias(readers, gamma.size, model) if beta is not None and np.any(beta) else None
+                if wide:  # the norm keeps its affine, and a tied head stays tied
+                    raise NotWorthFolding(f"{wide}; the affine stays on the norm")
+                plans = [_fold_plan(reader, gamma, beta, model) for reader in readers]
             except (NotLinear, NotWorthFolding) as exc:
                 self.skip(site.nodes[0], str(exc))
                 continue
@@ -79,15 +81,6 @@ def _affine(site: NormSite, model: ir.Model) -> tuple[np.ndarray, np.ndarray | N
 
 class NotWorthFolding(Exception):
     """Folding would make the model slower; the message says why."""
-
-
-def _check_beta_is_worth_folding(readers: list[LinearReader], width: int, model: ir.Model) -> None:
-    """NotWorthFolding when folding beta into a reader would cost more than it saves (consumers.wide_new_bias):
-    the norm then keeps its affine (and a tied head stays tied)."""
-    for reader in readers:
-        reason = wide_new_bias(reader, width, model)
-        if reason:
-            raise NotWorthFolding(f"{reason}; the affine stays on the norm")
 
 
 def _fold_plan(reader: LinearReader, gamma: np.ndarray, beta: np.ndarray | None, model: ir.Model):

@@ -143,7 +143,7 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list, no
         weight, axis = reader.weight, reader.weight_axis
         if len(weight.shape) != 2 or weight.shape[axis] != width:
             raise NotLinear(f"{node.op_type} {node_label(node)} does not read the norm's {width} features")
-        reason = wide_new_bias(reader, width, model) if np.any(beta) else None
+        reason = wide_new_bias([reader], width, model) if np.any(beta) else None
         if reason:
             notes.append((site.nodes[0], f"{reason}; it reads the CRMSNorm output restored to width {width}, "
                                          "with the affine, and keeps its weight"))

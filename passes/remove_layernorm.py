@@ -10,7 +10,9 @@ is linear, so it disappears into the graph:
   x - mean(x) (linear, not a normalization) when a reader is not linear;
 - scale and shift: with s = gamma / sigma_avg, every linear reader z = y W + b (normfold.consumers)
   becomes z = x W' + b' with W' = diag(s) W (C diag(s) W when centring there), b' = b + beta W.
-  When a reader is not linear, the LayerNorm becomes Mul(x, s) [+ Add beta] instead.
+  When a reader is not linear, or is a bias-less MatMul wider than the norm (an LM head, where beta W
+  would be a new Add over every logit: consumers.wide_new_bias), the LayerNorm becomes
+  Mul(x, s) [+ Add beta] instead.
 - position 0: its std differs (BOS / attention sink), so it gets its own sigma_0 when the
   LayerNorm's input is (batch, seq, d) with a static seq and sigma_0 differs from sigma_avg by more
   than 1%: x is first multiplied by a (seq, 1) constant [sigma_avg / sigma_0, 1, ..., 1]. Otherwise
@@ -34,7 +36,7 @@ import onnx_ir as ir
 from normfold import foldmath
 from normfold.calibration import LayerStats, calibrate
 from normfold.constants import constant
-from normfold.consumers import NotLinear, cast_checked, linear_edit, linear_readers
+from normfold.consumers import NotLinear, cast_checked, linear_edit, linear_readers, wide_new_bias
 from normfold.detect import NormSite, find_sites
 from normfold.emit import Emitter
 from normfold.errors import InputError
@@ -137,7 +139,11 @@ class RemoveLayerNorm(NormPass):
             return site.y
         emitter = Emitter(model, site.nodes[-1], self.target)
         try:
-            edits = [self._fold(reader, scale, beta, centred, model) for reader in linear_readers(site.y, model)]
+            readers = linear_readers(site.y, model)
+            wide = wide_new_bias(readers, width, model) if beta is not None and np.any(beta) else None
+            if wide:
+                raise NotLinear(wide)
+            edits = [self._fold(reader, scale, beta, centred, model) for reader in readers]
         except NotLinear as exc:
             edits = None
             self.note(site.nodes[0], f"kept as a Mul by a constant: {exc}")

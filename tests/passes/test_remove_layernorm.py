@@ -10,6 +10,7 @@ the report's drift must be what onnxruntime and numpy say it is.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -291,7 +292,10 @@ def test_folded_model_equals_the_explicit_fake_ln_model(exported, name, position
     model, report = convert(path, [removal], approximate=True)
     assert report.passes[0].applied == 5 and find_sites(model) == [] and norm_ops(model, normfold.load(path)) == {}
     per_position = [n for n in model.graph if n.name.endswith("/position_scale")]
-    assert len(per_position) == (0 if position0 == "shared" else 5)  # random models: sigma_0 differs everywhere
+    # the final LayerNorm, before a bias-less head, stays a Mul (by a (seq, d) factor with its own sigma_0)
+    kept = [n.inputs[1].const_value.shape for n in model.graph if n.name.endswith("/fake_ln_scale")]
+    assert len(kept) == 1
+    assert len(per_position) + (len(kept[0]) == 2) == (0 if position0 == "shared" else 5)  # sigma_0 differs everywhere
     reference = normfold.io.from_proto(fake_ln_reference(path, removal.stats, position0))
     result = verify(reference, model, inputs=token_ids(2, 7), tolerance_class="renorm")
     assert result.passed, result.summary_lines()
@@ -347,3 +351,27 @@ def test_cli_end_to_end(exported, tmp_path, capsys):
     assert "LayerNormalization" not in report["ops_after"]
     assert norm_ops(normfold.load(out), normfold.load(path)) == {} and find_sites(normfold.load(out)) == []
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_a_bias_less_lm_head_keeps_its_weight_and_the_final_fake_ln_stays_a_mul_and_an_add(exported):
+    """GPT-2's tied head has no bias: folding the final LayerNorm's beta into it would add an Add over every
+    logit (and untie the table). That LayerNorm becomes Mul(x, s) + beta over its width instead, with the
+    reason, and the head reads it with its own weight."""
+    path = exported["gpt2_tied", 17]
+    original = onnx.load(path)
+    removal = RemoveLayerNorm(calibration=token_ids(8, 0), position0="separate")
+    model, report = convert(path, [removal], approximate=True)
+    assert report.passes[0].applied == 5 and find_sites(model) == []
+    [note] = [n for n in report.passes[0].notes if n.reason.startswith("kept as a Mul by a constant")]
+    head_name = re.search(r"folding beta into MatMul (\S+), which has no bias, would add an Add over its 101 "
+                          r"outputs", note.reason).group(1)
+    head = next(n for n in model.graph if n.name == head_name)
+    assert head.inputs[1].name == next(n for n in original.graph.node if n.name == head_name).input[1]
+    read = head.inputs[0]
+    while read.producer().op_type in ("Reshape", "Flatten", "Identity"):  # views the exporter put between
+        read = read.producer().inputs[0]
+    assert read.producer().name.endswith("/fake_ln_beta")  # ... * s + beta
+    assert [use.op_type for use, _ in head.outputs[0].uses()] != ["Add"] or head.outputs[0].is_graph_output()
+    reference = normfold.io.from_proto(fake_ln_reference(path, removal.stats, "separate"))
+    result = verify(reference, model, inputs=token_ids(2, 7), tolerance_class="renorm")
+    assert result.passed, result.summary_lines()
