@@ -10,7 +10,8 @@ models (bench_peers: deit_tiny, gpt2_small, resnet50).
 1. Builds (or reuses, cached in --work-dir) the model of bench_peers (--model) and makes the variants
    (MODEL_VARIANTS, or --variants): the no-norm bound (every norm's output rewired to its input, as
    bench_peers makes it), `normfold convert --no-verify` with the default passes (target ort and onnx),
-   with layernorm-to-rmsnorm and layernorm-to-crmsnorm (target ort), onnxruntime's offline optimizer
+   with layernorm-to-rmsnorm and layernorm-to-crmsnorm (target ort), the approximate remove-layernorm
+   (calibrated on bench_peers' seeded batches), onnxruntime's offline optimizer
    (peer ort-offline, as bench_peers runs it), and, for DeiT, two exact experiments on normfold's outputs
    (fuse_residual_adds, restore_unit_gamma); every variant but the bound is checked with
    normfold.verify (the model's tolerance class).
@@ -71,13 +72,14 @@ VARIANTS = {
     "default-onnx": ("normfold default, target onnx", "convert", None, "onnx"),
     "crmsnorm-ort": ("layernorm-to-crmsnorm, target ort", "convert", "layernorm-to-crmsnorm", "ort"),
     "ort-offline": ("peer: ort-offline", "peer", "ort-offline", None),
+    "remove-ln": ("remove-layernorm (approximate, calibrated)", "remove-ln", None, None),
     "onnx-ones": ("experiment: default onnx + Mul by ones after each decomposed norm", "ones", None, "onnx"),
     "skip-ort": ("experiment: default ort + Add fused (SkipSimplifiedLayerNormalization)", "skip", None, "ort"),
 }
 MODEL_VARIANTS = {
     "deit_tiny": ["original", "no-norm", "default-ort", "rmsnorm-ort", "default-onnx", "onnx-ones", "skip-ort"],
     "gpt2_small": ["original", "no-norm", "default-ort", "default-onnx", "rmsnorm-ort", "crmsnorm-ort",
-                   "ort-offline"],
+                   "remove-ln", "ort-offline"],
     "resnet50": ["original", "no-norm", "default-ort", "default-onnx", "ort-offline"],
 }
 """The default --variants of each model."""
@@ -102,6 +104,13 @@ def make_variants(original: Path, scratch: Path, keys: list[str], remake: bool) 
             elif maker == "ones":
                 base = make_variants(original, scratch, ["default-onnx"], remake)["normfold default, target onnx"]
                 log(f"{label}: {restore_unit_gamma(base, dst)} norms given a Mul by ones")
+            elif maker == "remove-ln":
+                argv = bench_peers.cli("convert", str(original), "-o", str(dst), "--passes", "remove-layernorm",
+                                       "--approximate", "--calibration",
+                                       str(bench_peers.calibration_file(original, scratch)), "--no-verify", "--force")
+                made = bench_peers.make_variant(argv, dst, scratch)
+                if "error" in made:
+                    raise SystemExit(f"{label}: {made['error']}")
             elif maker == "peer":
                 spec = bench_peers.MODELS[MODEL]["transformers"]
                 argv = [sys.executable, str(Path(bench_peers.peer_tools.__file__).resolve()), passes, str(original),
@@ -335,8 +344,8 @@ def check(original: Path, paths: dict[str, Path]) -> dict[str, str]:
 
     out = {}
     for label, path in paths.items():
-        if path == original or "no-norm" in label:
-            continue
+        if path == original or "no-norm" in label or "approximate" in label:
+            continue  # a different function
         r = normfold.verify(original, path, tolerance_class=bench_peers.MODELS[MODEL]["tolerance_class"])
         out[label] = f"{'yes' if r.passed else '**NO**'} ({r.max_abs_error:.1g})"
     return out
