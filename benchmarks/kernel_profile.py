@@ -11,8 +11,9 @@ models (bench_peers: deit_tiny, gpt2_small, resnet50).
    (MODEL_VARIANTS, or --variants): the no-norm bound (every norm's output rewired to its input, as
    bench_peers makes it), `normfold convert --no-verify` with the default passes (target ort and onnx),
    with layernorm-to-rmsnorm and layernorm-to-crmsnorm (target ort), the approximate remove-layernorm
-   (calibrated on bench_peers' seeded batches), onnxruntime's offline optimizer
-   (peer ort-offline, as bench_peers runs it), and, for DeiT, two exact experiments on normfold's outputs
+   (calibrated on bench_peers' seeded batches), the peers as bench_peers runs them (ort-offline by
+   default; ort-transformers, onnxsim, onnxslim, onnxoptimizer on request), and, for DeiT, two exact
+   experiments on normfold's outputs
    (fuse_residual_adds, restore_unit_gamma); every variant but the bound is checked with
    normfold.verify (the model's tolerance class).
 2. Saves onnxruntime's ORT_ENABLE_ALL graph of each (SessionOptions.optimized_model_filepath) and
@@ -72,6 +73,10 @@ VARIANTS = {
     "default-onnx": ("normfold default, target onnx", "convert", None, "onnx"),
     "crmsnorm-ort": ("layernorm-to-crmsnorm, target ort", "convert", "layernorm-to-crmsnorm", "ort"),
     "ort-offline": ("peer: ort-offline", "peer", "ort-offline", None),
+    "ort-transformers": ("peer: ort-transformers", "peer", "ort-transformers", None),
+    "onnxsim": ("peer: onnxsim", "peer", "onnxsim", None),
+    "onnxslim": ("peer: onnxslim", "peer", "onnxslim", None),
+    "onnxoptimizer": ("peer: onnxoptimizer", "peer", "onnxoptimizer", None),
     "remove-ln": ("remove-layernorm (approximate, calibrated)", "remove-ln", None, None),
     "onnx-ones": ("experiment: default onnx + Mul by ones after each decomposed norm", "ones", None, "onnx"),
     "skip-ort": ("experiment: default ort + Add fused (SkipSimplifiedLayerNormalization)", "skip", None, "ort"),
