@@ -12,8 +12,9 @@ models (bench_peers: deit_tiny, gpt2_small, resnet50).
    bench_peers makes it), `normfold convert --no-verify` with the default passes (target ort and onnx),
    with layernorm-to-rmsnorm and layernorm-to-crmsnorm (target ort), the approximate remove-layernorm
    (calibrated on bench_peers' seeded batches), the peers as bench_peers runs them (ort-offline by
-   default; ort-transformers, onnxsim, onnxslim, onnxoptimizer on request), and, for DeiT, two exact
-   experiments on normfold's outputs
+   default; ort-transformers, onnxsim, onnxslim, onnxoptimizer on request), onnxslim run on normfold's
+   output (the two compose: normfold rewrites the norms, onnxslim folds what is constant), and, for DeiT,
+   two exact experiments on normfold's outputs
    (fuse_residual_adds, restore_unit_gamma); every variant but the bound is checked with
    normfold.verify (the model's tolerance class).
 2. Saves onnxruntime's ORT_ENABLE_ALL graph of each (SessionOptions.optimized_model_filepath) and
@@ -77,6 +78,7 @@ VARIANTS = {
     "onnxsim": ("peer: onnxsim", "peer", "onnxsim", None),
     "onnxslim": ("peer: onnxslim", "peer", "onnxslim", None),
     "onnxoptimizer": ("peer: onnxoptimizer", "peer", "onnxoptimizer", None),
+    "default-ort+onnxslim": ("normfold default, target ort, then onnxslim", "then-peer", "onnxslim", None),
     "remove-ln": ("remove-layernorm (approximate, calibrated)", "remove-ln", None, None),
     "onnx-ones": ("experiment: default onnx + Mul by ones after each decomposed norm", "ones", None, "onnx"),
     "skip-ort": ("experiment: default ort + Add fused (SkipSimplifiedLayerNormalization)", "skip", None, "ort"),
@@ -116,9 +118,11 @@ def make_variants(original: Path, scratch: Path, keys: list[str], remake: bool) 
                 made = bench_peers.make_variant(argv, dst, scratch)
                 if "error" in made:
                     raise SystemExit(f"{label}: {made['error']}")
-            elif maker == "peer":
+            elif maker in ("peer", "then-peer"):  # a peer on the original, or on normfold's default (ort)
+                source = original if maker == "peer" else make_variants(
+                    original, scratch, ["default-ort"], remake)["normfold default, target ort"]
                 spec = bench_peers.MODELS[MODEL]["transformers"]
-                argv = [sys.executable, str(Path(bench_peers.peer_tools.__file__).resolve()), passes, str(original),
+                argv = [sys.executable, str(Path(bench_peers.peer_tools.__file__).resolve()), passes, str(source),
                         str(dst), "--model-type", spec["model_type"], "--heads", str(spec["heads"]),
                         "--hidden", str(spec["hidden"])]
                 made = bench_peers.make_variant(argv, dst, scratch)
