@@ -53,6 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_layernorm_to_rmsnorm as ln_bench  # noqa: E402
+from normfold import bench, runtime  # noqa: E402
 import bench_peers  # noqa: E402
 from bench_fold_batchnorm import log, machine_info, machine_table  # noqa: E402
 
@@ -258,7 +259,7 @@ def session_options(threads: int, *, profile_prefix: Path | None = None, optimiz
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     if not SPINNING:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry(runtime.SPINNING_KEY, "0")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
@@ -361,10 +362,9 @@ def check(original: Path, paths: dict[str, Path]) -> dict[str, str]:
 
 
 def rotated(items: list, r: int) -> list:
-    """Round r's order: starts at item r mod n, so no item always runs right after the same other one
-    (whose idle thread pool may still be spinning on the cores)."""
-    k = r % len(items)
-    return items[k:] + items[:k]
+    """Round r's order of `items`, as normfold.bench interleaves: no item always runs right after the
+    same other one (whose idle thread pool may still be spinning on the cores)."""
+    return [items[i] for i in bench.rotated(len(items), r)]
 
 
 def summarize(per_run: list[dict]) -> dict:

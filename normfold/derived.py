@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -37,8 +38,6 @@ SCAN_WORKERS = min(4, os.cpu_count() or 1)
 """Threads reading a weight's blocks in `scan_linear`."""
 
 _scratch = threading.local()
-_SCAN_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_SCAN_POOL_LOCK = threading.Lock()
 
 
 def scratch(key: str, nbytes: int) -> np.ndarray:
@@ -127,13 +126,10 @@ def scan_linear(weight: ir.TensorProtocol, shift: np.ndarray | None, *, axis: in
     return biggest, total
 
 
+@functools.cache
 def _scan_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that scan weights (numpy and file reads release the GIL)."""
-    global _SCAN_POOL
-    with _SCAN_POOL_LOCK:
-        if _SCAN_POOL is None:
-            _SCAN_POOL = concurrent.futures.ThreadPoolExecutor(SCAN_WORKERS, thread_name_prefix="normfold-scan")
-        return _SCAN_POOL
+    """The threads that scan weights (numpy and file reads release the GIL), made on first use."""
+    return concurrent.futures.ThreadPoolExecutor(SCAN_WORKERS, thread_name_prefix="normfold-scan")
 
 
 @dataclass

@@ -147,7 +147,7 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list, no
         if reason:
             notes.append((site.nodes[0], f"{reason}; it reads the CRMSNorm output restored to width {width}, "
                                          "with the affine, and keeps its weight"))
-            edits.append(lambda node=node: _read_restored(node, gamma, beta, model))
+            edits.append(lambda node=node, dtype=reader.dtype: _read_restored(node, gamma, beta, dtype, model))
             continue
         _reader_fold(node, weight, gamma, beta, axis, model)  # checks it now: nothing is changed if any reader fails
         edits.append(lambda node=node, axis=axis: _reader_fold(
@@ -155,12 +155,11 @@ def _reader_edits(site: NormSite, width: int, model: ir.Model, touched: list, no
     return edits
 
 
-def _read_restored(node: ir.Node, gamma: np.ndarray, beta: np.ndarray, model: ir.Model) -> None:
+def _read_restored(node: ir.Node, gamma: np.ndarray, beta: np.ndarray, dtype: np.dtype, model: ir.Model) -> None:
     """Gives `node` the norm's output at full width with its affine, y = [n, -sum n] * gamma + beta (n the
     zero-mean CRMSNorm output in d-1 dims): a few ops over d a token instead of a bias over the reader's
     outputs; its weight stays as it was."""
     n = node.inputs[0]
-    dtype = linear_reader(node, model).dtype
     emit = Emitter(model, node, "onnx")
     name = f"{node.name or node.op_type}/restored"
     implied = emit.node("Neg", [emit.reduce("ReduceSum", n, f"{name}/sum")], name=f"{name}/implied")
